@@ -1,0 +1,424 @@
+"""Typed configuration for every maml-ds run, validated at the edge.
+
+One dataclass tree (:class:`RunConfig`) says what a run accepts. The CLI builds it, calls
+:meth:`RunConfig.validate` (which collects *every* problem into one :class:`ConfigError`, each
+with the flag that fixes it) and writes the resolved tree into the run folder. Nothing deeper
+reads raw dicts. The DeepSpeed JSON is built from this tree by :func:`build_deepspeed_config`
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+Precision = Literal["fp32", "fp16", "bf16"]
+Variant = Literal["direct", "channel"]
+SecondOrder = Literal["exact", "hvp", "hvp-fd", "first-order"]
+OptimizerName = Literal["sgd", "adamw"]
+FdMode = Literal["one-sided", "central"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message lists every problem and its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# --------------------------------------------------------------------------------------------
+# Method strings: "metaicl", "maml-2k-n", "fomaml-2k-n"
+# --------------------------------------------------------------------------------------------
+
+_METHOD_RE = re.compile(r"^(maml|fomaml)-(\d+)-(\d+)$")
+METHOD_FORMS = (
+    "'metaicl' (multi-task ICL training)",
+    "'maml-2k-n' (second-order MAML: k support + k query batches per task, n tasks per "
+    "meta-update, e.g. maml-2-1, maml-2-4, maml-4-2)",
+    "'fomaml-2k-n' (the first-order variant, e.g. fomaml-2-4)",
+)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed method string."""
+
+    name: str
+    """The string as given, e.g. ``maml-2-4``."""
+    kind: Literal["metaicl", "maml"]
+    num_inner_steps: int = 0
+    """k: support batches (= inner steps) and query batches per task."""
+    num_tasks: int = 1
+    """n: tasks per meta-update."""
+    first_order: bool = False
+
+    @property
+    def batches_per_update(self) -> int:
+        """Batches one optimizer update consumes (MetaICL: 1; MAML-2k-n: 2kn)."""
+        return 1 if self.kind == "metaicl" else 2 * self.num_inner_steps * self.num_tasks
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse ``metaicl`` / ``maml-2k-n`` / ``fomaml-2k-n``; raise :class:`ConfigError` otherwise."""
+    name = text.strip().lower()
+    if name == "metaicl":
+        return MethodSpec(name=name, kind="metaicl")
+    match = _METHOD_RE.match(name)
+    problems: list[str] = []
+    if match is None:
+        problems.append(f"unknown method {text!r}; valid forms: " + "; ".join(METHOD_FORMS))
+        raise ConfigError(problems)
+    two_k, n = int(match.group(2)), int(match.group(3))
+    if two_k < 2 or two_k % 2:
+        problems.append(
+            f"method {text!r}: the first number is 2k (support + query batches per task) and "
+            f"must be an even number >= 2 (k >= 1), got {two_k}; e.g. maml-2-{max(n, 1)}"
+        )
+    if n < 1:
+        problems.append(f"method {text!r}: n (tasks per meta-update) must be >= 1, got {n}")
+    if problems:
+        raise ConfigError(problems)
+    return MethodSpec(
+        name=name,
+        kind="maml",
+        num_inner_steps=two_k // 2,
+        num_tasks=n,
+        first_order=match.group(1) == "fomaml",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The config tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """A built-in config (tiny, small-test, gpt2, gpt2-medium, gpt2-large, gpt2-xl: random
+    init), a local model folder, or a Hugging Face id (downloaded only because you asked)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or id; default: the model's own, or for built-in configs a byte-level
+    BPE trained locally on the data and saved in the run folder."""
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    """Attention kernel. Exact second order needs double backward: eager (or math SDPA)."""
+    dropout: float = 0.0
+    """Dropout of the model (GPT-2's resid/embd/attn pdrop). 0 by default: finite-difference
+    HVPs and exact resume need a deterministic loss; MetaICL's GPT-2 used 0.1."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/synthetic"
+    """MetaICL-format data folder (``{task}/{task}_{k}_{seed}_{split}.jsonl``)."""
+    setting: str = "synthetic"
+    """Setting name (built-in MetaICL names, or ``{data_dir}/config/{name}.json``) or a path."""
+    variant: Variant = "direct"
+    """Prompt variant: direct (score the output) or channel (score the input)."""
+    num_demonstrations: int = 16
+    """k demonstrations per prompt (MetaICL: 16)."""
+    max_length_per_example: int = 256
+    max_length: int = 1024
+    train_fraction: float = 1.0
+    """Limited-data setting (paper 5.1): keep this share of each training task, stratified."""
+    max_examples_per_task: int | None = None
+    """Cap on meta-training examples read per task (None: all)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Outer (meta) learning rate; MetaICL's lr for --method metaicl."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["linear", "constant"] = "linear"
+    """linear: decay to 0 at max_steps (MetaICL); constant: no decay."""
+    gradient_clipping: float | None = None
+    """Global-norm clipping; None = method default (MetaICL 1.0, MAML off as in the paper); 0 = off."""
+
+
+@dataclass
+class MetaConfig:
+    """MAML-en-LLM options (ignored by --method metaicl)."""
+
+    inner_lr: float = 1e-5
+    second_order: SecondOrder = "hvp-fd"
+    fd_mode: FdMode = "one-sided"
+    fd_scale: float = 1e-3
+    """Finite-difference step: ||eps*v|| = fd_scale * ||theta|| (see docs/meta-gradient.md)."""
+    inner_optimizer: OptimizerName = "adamw"
+    outer_optimizer: OptimizerName = "adamw"
+    shared_moments: bool = True
+
+
+@dataclass
+class DeepSpeedOptions:
+    zero_stage: int = 0
+    precision: Precision = "fp32"
+    micro_batch_size: int = 1
+    """Prompts per rank per forward pass (MetaICL: 1)."""
+    gradient_accumulation_steps: int = 1
+    """MetaICL only: micro-batches per optimizer step."""
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    loss_scale_window: int = 1000
+    initial_scale_power: int = 16
+
+
+@dataclass
+class RunConfig:
+    method: str = "metaicl"
+    """metaicl | maml-2k-n | fomaml-2k-n."""
+    out_dir: str = "runs/demo"
+    max_steps: int = 100
+    """Optimizer updates: MetaICL steps or meta-updates."""
+    seed: int = 100
+    save_every: int = 0
+    """Checkpoint every N updates (0: only at the end)."""
+    log_every: int = 1
+    deterministic: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def method_spec(self) -> MethodSpec:
+        return parse_method(self.method)
+
+    @property
+    def gradient_clipping(self) -> float:
+        if self.optim.gradient_clipping is not None:
+            return float(self.optim.gradient_clipping)
+        return 1.0 if self.method_spec.kind == "metaicl" else 0.0
+
+    # ---------------------------------------------------------------- validation
+    def problems(self) -> list[str]:
+        """Every problem of this config, each naming the flag that fixes it."""
+        out: list[str] = []
+        try:
+            spec: MethodSpec | None = parse_method(self.method)
+        except ConfigError as err:
+            out.extend(err.problems)
+            spec = None
+        if self.max_steps < 1:
+            out.append(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.save_every < 0:
+            out.append(f"--save-every must be >= 0, got {self.save_every}")
+        d, o, m, ds = self.data, self.optim, self.meta, self.deepspeed
+        if not 0.0 <= self.model.dropout < 1.0:
+            out.append(f"--dropout must be in [0, 1), got {self.model.dropout}")
+        if d.variant not in get_args(Variant):
+            out.append(f"--variant must be direct or channel, got {d.variant!r}")
+        if d.num_demonstrations < 0:
+            out.append(f"--k (demonstrations) must be >= 0, got {d.num_demonstrations}")
+        if d.max_length_per_example < 8 or d.max_length < d.max_length_per_example:
+            out.append(
+                "need 8 <= max_length_per_example <= max_length, got "
+                f"{d.max_length_per_example} and {d.max_length}"
+            )
+        if not 0.0 < d.train_fraction <= 1.0:
+            out.append(f"--train-fraction must be in (0, 1], got {d.train_fraction}")
+        if o.lr <= 0:
+            out.append(f"--lr/--outer-lr must be > 0, got {o.lr}")
+        if o.weight_decay < 0:
+            out.append(f"--weight-decay must be >= 0, got {o.weight_decay}")
+        if o.gradient_clipping is not None and o.gradient_clipping < 0:
+            out.append(f"--gradient-clipping must be >= 0 (0 = off), got {o.gradient_clipping}")
+        if o.schedule not in ("linear", "constant"):
+            out.append(f"--schedule must be linear or constant, got {o.schedule!r}")
+        if m.inner_lr < 0:
+            out.append(f"--inner-lr must be >= 0, got {m.inner_lr}")
+        if m.second_order not in get_args(SecondOrder):
+            out.append(
+                f"--second-order must be one of {', '.join(get_args(SecondOrder))}, "
+                f"got {m.second_order!r}"
+            )
+        for flag, value in (
+            ("--inner-optimizer", m.inner_optimizer),
+            ("--outer-optimizer", m.outer_optimizer),
+        ):
+            if value not in get_args(OptimizerName):
+                out.append(f"{flag} must be sgd or adamw, got {value!r}")
+        if m.fd_mode not in get_args(FdMode):
+            out.append(f"--fd-mode must be one-sided or central, got {m.fd_mode!r}")
+        if not 0.0 < m.fd_scale < 1.0:
+            out.append(f"--fd-scale must be in (0, 1), got {m.fd_scale}")
+        if ds.zero_stage not in (0, 1, 2, 3):
+            out.append(f"--zero must be 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.precision not in get_args(Precision):
+            out.append(f"--precision must be fp32, fp16 or bf16, got {ds.precision!r}")
+        if ds.micro_batch_size < 1:
+            out.append(f"--micro-batch-size must be >= 1, got {ds.micro_batch_size}")
+        if ds.gradient_accumulation_steps < 1:
+            out.append(
+                f"--gradient-accumulation-steps must be >= 1, got {ds.gradient_accumulation_steps}"
+            )
+        if spec is not None and spec.kind == "maml":
+            if ds.gradient_accumulation_steps != 1:
+                out.append(
+                    "--gradient-accumulation-steps applies to --method metaicl only; a MAML "
+                    "meta-update already accumulates its n tasks (use n in maml-2k-n)"
+                )
+            if (
+                ds.zero_stage == 3
+                and not spec.first_order
+                and m.second_order in ("exact", "hvp")
+            ):
+                out.append(
+                    f"--second-order {m.second_order} needs double backward, which ZeRO-3 "
+                    "cannot do (its hooks re-partition parameters); use --second-order hvp-fd "
+                    "(finite-difference HVPs, the default) or --zero 0/1/2"
+                )
+            if ds.precision == "fp16" and not spec.first_order and m.second_order != "hvp-fd":
+                out.append(
+                    f"--second-order {m.second_order} with --precision fp16 is not supported: "
+                    "double backward through loss-scaled fp16 overflows; use hvp-fd"
+                )
+        return out
+
+    def validate(self) -> RunConfig:
+        """Raise one :class:`ConfigError` listing every problem; return self when valid."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, data, "")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"])
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError([f"config file {path} is not valid JSON: {err}"]) from err
+        return cls.from_dict(data)
+
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError([f"config section {prefix or '<root>'} must be an object"])
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            [f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: "
+             + ", ".join(sorted(names))]
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, f"{prefix}{key}.")  # type: ignore[arg-type]
+        elif get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+# --------------------------------------------------------------------------------------------
+
+
+def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg`` on ``world_size`` ranks (the one place it is built).
+
+    The optimizer is a client optimizer (``SharedMomentAdamW``) and the LR schedule is a
+    client scheduler, so neither appears here. ``gradient_clipping`` is always explicit
+    (DeepSpeed 0.19 defaults to 1.0, which would silently clip meta-gradients).
+    """
+    if world_size < 1:
+        raise ConfigError([f"world size must be >= 1, got {world_size}"])
+    ds = cfg.deepspeed
+    spec = cfg.method_spec
+    # A MAML meta-update is one engine step whose gradient is accumulated over tasks by
+    # set_gradient_accumulation_boundary, not by DeepSpeed's micro-step counter.
+    gas = ds.gradient_accumulation_steps if spec.kind == "metaicl" else 1
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": ds.micro_batch_size * gas * world_size,
+        "gradient_clipping": cfg.gradient_clipping,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "csv_monitor": {
+            "enabled": True,
+            "output_path": str(Path(cfg.out_dir) / "monitor"),
+            "job_name": "train",
+        },
+    }
+    if ds.zero_stage in (1, 2, 3):
+        config["zero_optimization"].update(
+            {
+                "reduce_bucket_size": ds.reduce_bucket_size,
+                "allgather_bucket_size": ds.allgather_bucket_size,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+            }
+        )
+    if ds.zero_stage == 3:
+        config["zero_optimization"].update(
+            {
+                "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+                "stage3_prefetch_bucket_size": ds.reduce_bucket_size,
+            }
+        )
+        config["zero_optimization"].pop("allgather_bucket_size")
+    if ds.precision == "fp16":
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": ds.initial_scale_power,
+            "loss_scale_window": ds.loss_scale_window,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    elif ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    check_batch_arithmetic(config, world_size)
+    return config
+
+
+def check_batch_arithmetic(config: dict[str, Any], world_size: int) -> None:
+    """DeepSpeed's rule: train_batch_size = micro x accumulation x world size."""
+    micro = config["train_micro_batch_size_per_gpu"]
+    gas = config["gradient_accumulation_steps"]
+    total = config["train_batch_size"]
+    if micro * gas * world_size != total:
+        raise ConfigError(
+            [
+                f"batch arithmetic: train_batch_size {total} != micro {micro} x accumulation "
+                f"{gas} x world size {world_size} = {micro * gas * world_size}"
+            ]
+        )
