@@ -1,0 +1,67 @@
+"""MAML-en-LLM meta-gradient math, pure PyTorch and free of DeepSpeed (docs/meta-gradient.md).
+
+- `meta_gradient`: the meta-gradient of one task, in `exact`, `hvp`, `hvp-fd` or `first-order`
+  mode, with SGD or AdamW inner steps.
+- Building blocks for callers that cannot run it in one piece (the DeepSpeed engine under ZeRO-3):
+  `InnerStepConfig`, `inner_step`, `inner_precondition`, `reverse_step`, `support_gradient`,
+  `query_gradient`, `finite_difference_hvp`, `fd_epsilon`, `default_fd_rel_scale`,
+  `RngSnapshot` (same dropout masks when a support loss is evaluated again).
+- `SharedMomentAdamW`: the optimizer whose AdamW moments the inner and outer steps share.
+- `LiveTensorBytes`: exact live-tensor memory accounting (peak) on any device.
+"""
+
+from maml_ds.meta.gradient import (
+    FD_MODES,
+    SECOND_ORDER_MODES,
+    AdamWState,
+    InnerStepConfig,
+    MetaGradient,
+    RngSnapshot,
+    SupportGradient,
+    default_fd_rel_scale,
+    fd_epsilon,
+    finite_difference_hvp,
+    inner_precondition,
+    inner_step,
+    meta_gradient,
+    new_adamw_state,
+    query_gradient,
+    reverse_step,
+    support_gradient,
+)
+from maml_ds.meta.memory import LiveTensorBytes
+from maml_ds.meta.optim import (
+    AdamWMoments,
+    SharedMomentAdamW,
+    adamw_moments,
+    adamw_precondition,
+    adamw_update,
+    sgd_update,
+)
+
+__all__ = [
+    "FD_MODES",
+    "SECOND_ORDER_MODES",
+    "AdamWMoments",
+    "AdamWState",
+    "InnerStepConfig",
+    "LiveTensorBytes",
+    "MetaGradient",
+    "RngSnapshot",
+    "SharedMomentAdamW",
+    "SupportGradient",
+    "adamw_moments",
+    "adamw_precondition",
+    "adamw_update",
+    "default_fd_rel_scale",
+    "fd_epsilon",
+    "finite_difference_hvp",
+    "inner_precondition",
+    "inner_step",
+    "meta_gradient",
+    "new_adamw_state",
+    "query_gradient",
+    "reverse_step",
+    "sgd_update",
+    "support_gradient",
+]
