@@ -152,8 +152,9 @@ class MetaConfig:
     inner_lr: float = 1e-5
     second_order: SecondOrder = "hvp-fd"
     fd_mode: FdMode = "one-sided"
-    fd_scale: float = 1e-3
-    """Finite-difference step: ||eps*v|| = fd_scale * ||theta|| (see docs/meta-gradient.md)."""
+    fd_scale: float | None = None
+    """Finite-difference step r: ||eps*w|| = r * ||theta||; None = the measured default of the
+    compute dtype and fd_mode (docs/meta-gradient.md; fp32 one-sided 1e-5)."""
     inner_optimizer: OptimizerName = "adamw"
     outer_optimizer: OptimizerName = "adamw"
     shared_moments: bool = True
@@ -253,7 +254,7 @@ class RunConfig:
                 out.append(f"{flag} must be sgd or adamw, got {value!r}")
         if m.fd_mode not in get_args(FdMode):
             out.append(f"--fd-mode must be one-sided or central, got {m.fd_mode!r}")
-        if not 0.0 < m.fd_scale < 1.0:
+        if m.fd_scale is not None and not 0.0 < m.fd_scale < 1.0:
             out.append(f"--fd-scale must be in (0, 1), got {m.fd_scale}")
         if ds.zero_stage not in (0, 1, 2, 3):
             out.append(f"--zero must be 0, 1, 2 or 3, got {ds.zero_stage}")

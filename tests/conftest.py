@@ -1,0 +1,55 @@
+"""Shared fixtures: a small synthetic suite, a locally trained tokenizer, tiny models.
+
+Nothing here downloads: data come from the built-in synthetic generator, the tokenizer is a
+byte-level BPE trained on those data, models are random-init GPT-2 configs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds-long runs, large enough for k=4 demonstrations per prompt.
+SMALL_SUITE = dict(
+    num_train_tasks=6,
+    train_examples_per_task=48,
+    test_examples_per_task=16,
+    test_pool_examples_per_task=64,
+    num_content_words=64,
+    num_unseen_domain_words=48,
+    num_label_words=24,
+    num_heldout_label_words=12,
+)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from maml_ds.data.synth import write_synthetic_suite
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_suite(out, seed=0, **SMALL_SUITE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(synth_dir, tmp_path_factory) -> Path:
+    from maml_ds.models import iter_data_texts, train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(iter_data_texts(synth_dir), vocab_size=512).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from maml_ds.models import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
