@@ -76,7 +76,9 @@ def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Any]
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
-        found = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+        found = (
+            sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+        )
         raise CheckpointError(
             f"no checkpoint {'tag ' + repr(tag) + ' ' if tag else ''}in {ckpt_dir} "
             f"(found: {', '.join(found) or 'nothing'}); start without --resume, or point "

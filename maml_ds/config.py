@@ -142,7 +142,8 @@ class OptimConfig:
     schedule: Literal["linear", "constant"] = "linear"
     """linear: decay to 0 at max_steps (MetaICL); constant: no decay."""
     gradient_clipping: float | None = None
-    """Global-norm clipping; None = method default (MetaICL 1.0, MAML off as in the paper); 0 = off."""
+    """Global-norm clipping; None = the method's default (MetaICL 1.0; MAML off, as in the
+    paper); 0 = off."""
 
 
 @dataclass
@@ -272,11 +273,7 @@ class RunConfig:
                     "--gradient-accumulation-steps applies to --method metaicl only; a MAML "
                     "meta-update already accumulates its n tasks (use n in maml-2k-n)"
                 )
-            if (
-                ds.zero_stage == 3
-                and not spec.first_order
-                and m.second_order in ("exact", "hvp")
-            ):
+            if ds.zero_stage == 3 and not spec.first_order and m.second_order in ("exact", "hvp"):
                 out.append(
                     f"--second-order {m.second_order} needs double backward, which ZeRO-3 "
                     "cannot do (its hooks re-partition parameters); use --second-order hvp-fd "
@@ -330,8 +327,10 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            [f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: "
-             + ", ".join(sorted(names))]
+            [
+                f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: "
+                + ", ".join(sorted(names))
+            ]
         )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():

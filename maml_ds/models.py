@@ -124,8 +124,10 @@ def iter_data_texts(data_dir: str | Path, max_lines_per_file: int = 4096) -> Ite
     files = sorted(Path(data_dir).glob("*/*.jsonl"))
     if not files:
         raise ConfigError(
-            [f"no MetaICL data (*/*.jsonl) under {data_dir} to train a tokenizer on; "
-             "create data with `maml-ds data synth --out DIR` or pass --tokenizer"]
+            [
+                f"no MetaICL data (*/*.jsonl) under {data_dir} to train a tokenizer on; "
+                "create data with `maml-ds data synth --out DIR` or pass --tokenizer"
+            ]
         )
     for path in files:
         with path.open() as fh:
@@ -171,8 +173,10 @@ def resolve_tokenizer(
         return load_tokenizer(model_name)
     if data_dir is None:
         raise ConfigError(
-            [f"model {model_name!r} is a built-in random-init config: give --tokenizer, or "
-             "--data so a tokenizer can be trained on it"]
+            [
+                f"model {model_name!r} is a built-in random-init config: give --tokenizer, or "
+                "--data so a tokenizer can be trained on it"
+            ]
         )
     tok = train_bpe_tokenizer(iter_data_texts(data_dir))
     if saved is not None:
@@ -234,8 +238,10 @@ def _from_pretrained(name: str | Path, attn_implementation: str, dtype: torch.dt
         )
     except OSError as err:
         raise ConfigError(
-            [f"cannot load model {str(name)!r} ({err}); give a local folder, a built-in config "
-             f"({', '.join(BUILTIN_NAMES)}) or a Hugging Face id"]
+            [
+                f"cannot load model {str(name)!r} ({err}); give a local folder, a built-in config "
+                f"({', '.join(BUILTIN_NAMES)}) or a Hugging Face id"
+            ]
         ) from err
 
 

@@ -29,7 +29,9 @@ def env() -> dict[str, str]:
     return out
 
 
-def run(args: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], *, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         args, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
@@ -46,13 +48,21 @@ def maml_ds(*args: str, check: bool = True, timeout: float = 600) -> subprocess.
     return run([exe, *map(str, args)], check=check, timeout=timeout)
 
 
-def deepspeed_run(script: str | Path, *args: str, num_ranks: int = 2,
-                  timeout: float = 600) -> subprocess.CompletedProcess:
+def deepspeed_run(
+    script: str | Path, *args: str, num_ranks: int = 2, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N script args`` on CPU ranks (gloo)."""
     exe = shutil.which("deepspeed", path=str(BIN)) or "deepspeed"
     return run(
-        [exe, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script),
-         *map(str, args)],
+        [
+            exe,
+            "--num_gpus",
+            str(num_ranks),
+            "--master_port",
+            str(free_port()),
+            str(script),
+            *map(str, args),
+        ],
         timeout=timeout,
     )
 

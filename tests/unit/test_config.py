@@ -26,7 +26,10 @@ from maml_ds.config import (
 def test_parse_method(text, kind, k, n, first_order, batches):
     spec = parse_method(text)
     assert (spec.kind, spec.num_inner_steps, spec.num_tasks, spec.first_order) == (
-        kind, k, n, first_order
+        kind,
+        k,
+        n,
+        first_order,
     )
     assert spec.batches_per_update == batches
 

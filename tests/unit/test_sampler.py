@@ -14,8 +14,10 @@ from maml_ds.data.tasks import DataError
 
 def make_tasks(sizes: dict[str, int]) -> dict[str, list[Example]]:
     return {
-        name: [Example(name, f"{name} in {i}", f"out{i % 3}", ("out0", "out1", "out2"))
-               for i in range(n)]
+        name: [
+            Example(name, f"{name} in {i}", f"out{i % 3}", ("out0", "out1", "out2"))
+            for i in range(n)
+        ]
         for name, n in sizes.items()
     }
 
