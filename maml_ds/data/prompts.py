@@ -319,36 +319,37 @@ def build_training_prompt(
     )
 
 
-def _option_piece_lengths(
+def option_piece_lengths(
     tokenizer: Any, example: Example, fmt: PromptFormat, *, is_first: bool
 ) -> list[int]:
+    """Token count of each option's output piece (with its separator): the per-example cap
+    at test time reserves the longest of them."""
     _, y_prefix = _prefixes(
         example.input, fmt, is_first=is_first, no_label=has_no_label(example.options)
     )
     return [len(_tokenize(tokenizer, y_prefix + option)) for option in example.options]
 
 
-def build_option_prompts(
-    tokenizer: Any, demos: Sequence[Example], example: Example, fmt: PromptFormat
-) -> list[EncodedPrompt]:
-    """One prompt per option of a test example, in option order.
+def option_targets(
+    tokenizer: Any, example: Example, fmt: PromptFormat, *, has_demonstrations: bool
+) -> list[tuple[list[int], list[bool]]]:
+    """(target ids, scored mask) of each option of a test example, in option order.
 
     The input is capped against the LONGEST option piece, so every option sees the same input.
+    Evaluation joins these to a demonstration prefix (`build_option_prompts`, or once per
+    prefix with a KV cache).
     """
     if len(example.options) < 2:
         raise DataError(
             f"test example of task {example.task!r} has {len(example.options)} option(s); "
             "ranking needs at least 2"
         )
-    has_demonstrations = len(demos) > 0
     no_label = has_no_label(example.options)
     max_output_len = max(
-        _option_piece_lengths(tokenizer, example, fmt, is_first=not has_demonstrations)
+        option_piece_lengths(tokenizer, example, fmt, is_first=not has_demonstrations)
     )
-    prefix = encode_demonstrations(tokenizer, demos, fmt)
-    prompts = []
-    for option in example.options:
-        target_ids, target_scored = encode_target(
+    return [
+        encode_target(
             tokenizer,
             example.input,
             option,
@@ -357,6 +358,19 @@ def build_option_prompts(
             max_output_len=max_output_len,
             no_label=no_label,
         )
+        for option in example.options
+    ]
+
+
+def build_option_prompts(
+    tokenizer: Any, demos: Sequence[Example], example: Example, fmt: PromptFormat
+) -> list[EncodedPrompt]:
+    """One prompt per option of a test example, in option order (see `option_targets`)."""
+    has_demonstrations = len(demos) > 0
+    targets = option_targets(tokenizer, example, fmt, has_demonstrations=has_demonstrations)
+    prefix = encode_demonstrations(tokenizer, demos, fmt)
+    prompts = []
+    for option, (target_ids, target_scored) in zip(example.options, targets, strict=True):
         prompt = join_prompt(
             prefix, target_ids, target_scored, fmt, has_demonstrations=has_demonstrations
         )

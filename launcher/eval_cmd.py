@@ -1,0 +1,456 @@
+"""`maml-ds eval`, `maml-ds compare`, `maml-ds adapt`: parse, validate, call maml_ds, print.
+
+Registered in launcher/cli.py. Heavy imports (torch, transformers) happen inside the commands so
+that `maml-ds --help` stays fast. This module does not import launcher.cli (cli imports it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from maml_ds.config import ConfigError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """ "100,13,21" -> (100, 13, 21)."""
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(
+            [f"--seeds must be comma-separated integers, e.g. 100,13,21,42,87; got {text!r}"]
+        ) from None
+    return seeds
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _cell(average: float, worst: float, single: bool) -> str:
+    """The paper's "X/Y" (average/worst), or one number when seeds cannot matter."""
+    return _pct(average) if single else f"{_pct(average)}/{_pct(worst)}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_") or "model"
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def per_task_table(result: Any) -> Table:
+    """Task rows, one column per seed, then the task's average and worst (x100)."""
+    seeds = list(result.options.seeds)
+    table = Table(title=f"{result.label} on {result.column}: per task (x100)")
+    table.add_column("task")
+    table.add_column("metric")
+    for seed in seeds:
+        table.add_column(f"seed {seed}", justify="right")
+    table.add_column("avg/worst", justify="right")
+    for task in result.tasks:
+        by_seed = result.per_task[task]
+        scores = [by_seed[s].score for s in seeds]
+        table.add_row(
+            task,
+            by_seed[seeds[0]].metric,
+            *[_pct(v) for v in scores],
+            _cell(sum(scores) / len(scores), min(scores), len(seeds) == 1),
+        )
+    agg = result.aggregate
+    table.add_row(
+        "[bold]mean over tasks",
+        "",
+        *[_pct(agg.per_seed[s]) for s in seeds],
+        f"[bold]{_cell(agg.average, agg.worst, len(seeds) == 1)}",
+    )
+    return table
+
+
+def paper_table(rows: Sequence[tuple[str, str, float, float, bool]], title: str) -> Table:
+    """The paper's layout: methods as rows, settings as columns, "average/worst" cells.
+
+    rows: (label, column, average, worst, single) in display order.
+    """
+    columns = list(dict.fromkeys(r[1] for r in rows))
+    labels = list(dict.fromkeys(r[0] for r in rows))
+    cells = {(r[0], r[1]): _cell(r[2], r[3], r[4]) for r in rows}
+    table = Table(title=title)
+    table.add_column("Method")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for label in labels:
+        table.add_row(label, *[cells.get((label, c), "") for c in columns])
+    return table
+
+
+def _print_result(result: Any, path: Path) -> None:
+    single = len(result.options.seeds) == 1 or not result.options.use_demonstrations
+    out_console.print(per_task_table(result))
+    out_console.print(
+        paper_table(
+            [
+                (
+                    result.label,
+                    result.column,
+                    result.aggregate.average,
+                    result.aggregate.worst,
+                    single,
+                )
+            ],
+            "average/worst over seeds (x100)",
+        )
+    )
+    num_cached = sum(r.cached for by_seed in result.per_task.values() for r in by_seed.values())
+    num_pairs = sum(len(by_seed) for by_seed in result.per_task.values())
+    err_console.print(
+        f"{num_pairs - num_cached} (task, seed) computed, {num_cached} from the cache; "
+        f"{result.stats.num_forward_tokens} tokens through the model in "
+        f"{result.stats.seconds:.1f} s; results: {path}",
+        highlight=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Shared option handling
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_common(
+    *,
+    model: str,
+    tokenizer: str | None,
+    data: Path | None,
+    setting: str | None,
+    method: str | None,
+    device: str | None,
+) -> tuple[Any, Path, str, str]:
+    """Load the model; fill data, setting and method from a run's config when not given."""
+    from maml_ds.model_io import load_model
+
+    loaded = load_model(model, tokenizer=tokenizer, device=device)
+    cfg = loaded.run_config
+    problems = []
+    if data is None:
+        if cfg is None:
+            problems.append("--data is required (the MetaICL-format data folder)")
+        else:
+            data = Path(cfg.data.data_dir)
+    if setting is None:
+        if cfg is None:
+            problems.append("--setting is required (e.g. hr_to_lr, or synthetic)")
+        else:
+            setting = cfg.data.setting
+    if method is None:
+        method = cfg.data.variant if cfg is not None else "direct"
+    elif cfg is not None and method != cfg.data.variant:
+        err_console.print(
+            f"[yellow]note:[/] scoring with --method {method}; the run was trained "
+            f"{cfg.data.variant}",
+            highlight=False,
+        )
+    if problems:
+        raise ConfigError(problems)
+    assert data is not None and setting is not None
+    return loaded, data, setting, method
+
+
+def _out_dir(out: Path | None, loaded: Any, model: str) -> Path:
+    if out is not None:
+        return out
+    if loaded.run_dir is not None:
+        return Path(loaded.run_dir) / "eval"
+    return Path("eval") / _slug(model)
+
+
+ModelOpt = Annotated[
+    str, typer.Option(help="run folder, checkpoint folder, HF model folder, built-in or HF id")
+]
+DataOpt = Annotated[
+    Path | None, typer.Option(help="MetaICL-format data folder (default: the run's)")
+]
+SettingOpt = Annotated[
+    str | None, typer.Option(help="setting name or JSON path (default: the run's)")
+]
+MethodOpt = Annotated[
+    str | None, typer.Option(help="direct | channel (default: the run's variant, else direct)")
+]
+SeedsOpt = Annotated[str, typer.Option(help="demonstration seeds, comma-separated")]
+KOpt = Annotated[int, typer.Option(help="demonstrations: the k of the data files")]
+OutOpt = Annotated[
+    Path | None, typer.Option(help="results + cache folder (default: RUN/eval or eval/<model>)")
+]
+TokOpt = Annotated[str | None, typer.Option(help="tokenizer folder or HF id (override)")]
+BatchOpt = Annotated[int, typer.Option(help="sequences per forward pass")]
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="auto | newlines | spaces (auto: spaces for baselines)")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda if available)")]
+LabelOpt = Annotated[str | None, typer.Option(help="row name in tables (default: from the run)")]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="recompute every (task, seed); write no cache")
+]
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+
+
+def eval_command(
+    model: ModelOpt,
+    data: DataOpt = None,
+    setting: SettingOpt = None,
+    method: MethodOpt = None,
+    seeds: SeedsOpt = "100,13,21,42,87",
+    unseen_only: Annotated[
+        bool, typer.Option("--unseen-only", help="only the setting's unseen-domain tasks")
+    ] = False,
+    k: KOpt = 16,
+    out: OutOpt = None,
+    baseline: Annotated[
+        str, typer.Option(help="none | no-icl (no demonstrations) | raw-lm (space format)")
+    ] = "none",
+    tokenizer: TokOpt = None,
+    batch_size: BatchOpt = 16,
+    separators: FormatOpt = "auto",
+    label: LabelOpt = None,
+    full_scoring: Annotated[
+        bool,
+        typer.Option(
+            "--full-scoring", help="score every prompt in full, no KV cache (slower, same result)"
+        ),
+    ] = False,
+    no_cache: NoCacheOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Evaluate a model with the MetaICL protocol: avg/worst over seeds, JSON + tables."""
+    from maml_ds.data.tasks import DataError
+    from maml_ds.evaluate import EvalOptions, default_label, evaluate
+
+    try:
+        options = EvalOptions(
+            method=method or "direct",
+            baseline=baseline,
+            seeds=parse_seeds(seeds),
+            k=k,
+            unseen_only=unseen_only,
+            separators=separators,
+            batch_size=batch_size,
+            use_kv_cache=not full_scoring,
+        )  # validated before the model loads
+        loaded, data_dir, setting_name, method = _resolve_common(
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            setting=setting,
+            method=method,
+            device=device,
+        )
+        options = replace(options, method=method)
+        out_dir = _out_dir(out, loaded, model)
+        cfg = loaded.run_config
+        label = label or default_label(
+            baseline=baseline,
+            method=method,
+            train_method=cfg.method if cfg else None,
+            model_name=model,
+        )
+        result = evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            data_dir=data_dir,
+            setting=setting_name,
+            options=options,
+            label=label,
+            model_name=str(model),
+            cache_dir=None if no_cache else out_dir / "cache",
+        )
+    except (ConfigError, DataError) as err:
+        raise _fail(str(err)) from None
+    name = f"eval_{_slug(result.setting)}_{options.scope}_{method}_{baseline}_k{k}.json"
+    path = result.save(out_dir / name)
+    _print_result(result, path)
+
+
+# --------------------------------------------------------------------------------------------
+# adapt
+# --------------------------------------------------------------------------------------------
+
+
+def adapt_command(
+    model: ModelOpt,
+    data: DataOpt = None,
+    setting: SettingOpt = None,
+    method: MethodOpt = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-7)")] = 1e-7,
+    steps: Annotated[int, typer.Option(help="steps, one target each (16 = one pass)")] = 16,
+    keep: Annotated[
+        Path | None, typer.Option(help="save the adapted weights here (KEEP/task/seedN/)")
+    ] = None,
+    seeds: SeedsOpt = "100,13,21,42,87",
+    k: KOpt = 16,
+    out: OutOpt = None,
+    tokenizer: TokOpt = None,
+    batch_size: BatchOpt = 16,
+    separators: FormatOpt = "auto",
+    label: LabelOpt = None,
+    no_cache: NoCacheOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Very few-shot adaptation (paper 5.4) on each unseen-domain task, then evaluation."""
+    from maml_ds.adapt import AdaptOptions, run_adaptation
+    from maml_ds.data.tasks import DataError
+    from maml_ds.evaluate import EvalOptions, default_label
+
+    try:
+        adapt_options = AdaptOptions(lr=lr, steps=steps)
+        options = EvalOptions(
+            method=method or "direct",
+            seeds=parse_seeds(seeds),
+            k=k,
+            unseen_only=True,
+            separators=separators,
+            batch_size=batch_size,
+        )
+        loaded, data_dir, setting_name, method = _resolve_common(
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            setting=setting,
+            method=method,
+            device=device,
+        )
+        options = replace(options, method=method)
+        out_dir = _out_dir(out, loaded, model)
+        cfg = loaded.run_config
+        label = label or default_label(
+            baseline="none",
+            method=method,
+            train_method=cfg.method if cfg else None,
+            model_name=model,
+            kind="adapt",
+        )
+        result = run_adaptation(
+            loaded.model,
+            loaded.tokenizer,
+            data_dir=data_dir,
+            setting=setting_name,
+            eval_options=options,
+            adapt_options=adapt_options,
+            label=label,
+            model_name=str(model),
+            cache_dir=None if no_cache else out_dir / "cache",
+            keep_dir=keep,
+        )
+    except (ConfigError, DataError) as err:
+        raise _fail(str(err)) from None
+    name = f"adapt_{_slug(result.setting)}_{method}_lr{lr:g}_steps{steps}_k{k}.json"
+    path = result.save(out_dir / name)
+    _print_result(result, path)
+
+
+# --------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------
+
+
+def compare_command(
+    results: Annotated[
+        list[Path], typer.Argument(help="result JSON files of eval/adapt (or folders of them)")
+    ],
+    out: Annotated[Path | None, typer.Option(help="also write the tables as JSON here")] = None,
+) -> None:
+    """The paper's tables across settings: avg/worst per method, and pairwise win rates
+    (A wins over B on a setting when both its average and its worst case are higher)."""
+    import json
+
+    from maml_ds.data.tasks import DataError
+    from maml_ds.evaluate import iter_result_files, paper_order, read_result
+    from maml_ds.metrics import win_rate
+
+    try:
+        summaries = [read_result(p) for p in iter_result_files(results)]
+        summaries.sort(key=lambda s: paper_order(s.label))  # stable: columns keep file order
+    except DataError as err:
+        raise _fail(str(err)) from None
+    if not summaries:
+        raise _fail("no result files given (JSON written by `maml-ds eval` / `maml-ds adapt`)")
+    seen: dict[tuple[str, str], Path] = {}
+    for s in summaries:
+        if (s.label, s.column) in seen:
+            raise _fail(
+                f"two results for {s.label!r} on {s.column}: {seen[(s.label, s.column)]} and "
+                f"{s.path}; give one of them another name with `maml-ds eval --label`"
+            )
+        seen[(s.label, s.column)] = s.path
+    out_console.print(
+        paper_table(
+            [(s.label, s.column, s.average, s.worst, s.seed_independent) for s in summaries],
+            "average/worst over seeds (x100)",
+        )
+    )
+    by_label: dict[str, dict[str, tuple[float, float]]] = {}
+    for s in summaries:
+        by_label.setdefault(s.label, {})[s.column] = (s.average, s.worst)
+    labels = list(by_label)
+    table = Table(
+        title="win rate of row over column (wins / settings both ran; "
+        "win = higher average AND higher worst case)"
+    )
+    table.add_column("")
+    for b in labels:
+        table.add_column(b, justify="right")
+    matrix: dict[str, dict[str, dict[str, float]]] = {}
+    for a in labels:
+        cells = []
+        for b in labels:
+            if a == b:
+                cells.append("")
+                continue
+            w = win_rate(by_label[a], by_label[b])
+            matrix.setdefault(a, {})[b] = {
+                "wins": w.wins,
+                "settings": w.num_settings,
+                "rate": w.rate,
+            }
+            cells.append(
+                "-" if w.num_settings == 0 else f"{w.wins}/{w.num_settings} ({w.rate:.2f})"
+            )
+        table.add_row(a, *cells)
+    out_console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "results": [
+                {
+                    "path": str(s.path),
+                    "label": s.label,
+                    "column": s.column,
+                    "average": s.average,
+                    "worst": s.worst,
+                }
+                for s in summaries
+            ],
+            "win_rate": matrix,
+        }
+        out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        err_console.print(f"wrote {out}", highlight=False)

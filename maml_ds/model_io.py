@@ -1,0 +1,260 @@
+"""Resolve `--model PATH_OR_RUN` into a model and its tokenizer, for eval and adapt.
+
+Accepted, in this order:
+
+1. a maml-ds run folder (`RUN/config.json` is a RunConfig): `RUN/final/` (the Hugging Face
+   export written when training finished) if present, else the latest DeepSpeed checkpoint
+   (`RUN/checkpoints/latest`) converted to fp32 weights on a model built from `RUN/config.json`;
+2. a DeepSpeed checkpoint folder: `RUN/checkpoints` (its `latest` tag) or `RUN/checkpoints/stepN`;
+3. an exported Hugging Face folder (`config.json` with a `model_type`);
+4. a built-in random-init name (`tiny`, `random:gpt2`, ...; needs --tokenizer) or a Hugging
+   Face id (downloaded by transformers only because it was named).
+
+Checkpoint conversion: ZeRO 1-3 checkpoints (and DeepSpeed's bf16 optimizer) keep the fp32
+master weights in `*_optim_states.pt`; `deepspeed.utils.zero_to_fp32` reassembles them. A ZeRO-0
+checkpoint has no such files (`get_fp32_state_dict_from_zero_checkpoint` fails on it): its
+weights are the `module` entry of `mp_rank_00_model_states.pt`, upcast to fp32 (for fp16 runs
+that is the fp16 copy, not the fp32 master held in the optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from maml_ds.config import ConfigError, RunConfig
+
+__all__ = ["LoadedModel", "load_model", "state_dict_from_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["run-final", "run-checkpoint", "checkpoint", "hf-folder", "builtin", "hub"]
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    """A causal LM in eval mode on the requested device."""
+    tokenizer: Any
+    source: Source
+    """How `--model` was resolved."""
+    path: str
+    """The folder (or name) the weights came from."""
+    run_dir: Path | None = None
+    """The run folder when the model came from one (default place of eval outputs)."""
+    run_config: RunConfig | None = None
+    """The run's resolved config (its method and variant label the results)."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _is_run_dir(path: Path) -> bool:
+    raw = _read_json(path / "config.json")
+    return isinstance(raw, dict) and {"method", "model", "data"} <= set(raw)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    raw = _read_json(path / "config.json")
+    return isinstance(raw, dict) and "model_type" in raw
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _is_checkpoint_tag(path: Path) -> bool:
+    return any(path.glob("*model_states.pt")) or any(path.glob("*_optim_states.pt"))
+
+
+def state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 model weights of DeepSpeed checkpoint `ckpt_dir/tag` (any ZeRO stage)."""
+    tag_dir = ckpt_dir / tag
+    if any(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3, bf16 optimizer: fp32 master weights
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: v.float() for k, v in state.items()}
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if len(files) != 1:
+        raise ConfigError(
+            [
+                f"{tag_dir}: expected one mp_rank_*_model_states.pt (ZeRO-0, no model "
+                f"parallelism), found {len(files)}; is this a DeepSpeed checkpoint of maml-ds?"
+            ]
+        )
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def _checkpoint_config(tag_dir: Path) -> RunConfig | None:
+    """The RunConfig saved in a checkpoint's client state (maml-ds writes it there)."""
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        return None
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    raw = states.get("config")
+    return RunConfig.from_dict(raw) if isinstance(raw, dict) else None
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied weight (GPT-2's lm_head = wte) may be absent from the saved state.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    if untied or unexpected:
+        raise ConfigError(
+            [
+                f"{where}: weights do not match the model built from the run config "
+                f"(missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
+            ]
+        )
+
+
+def _model_from_run_config(cfg: RunConfig, tokenizer: Any, attn_implementation: str) -> Any:
+    """The architecture of a run, without loading any pretrained weights."""
+    from maml_ds.models import build_model, builtin_arch
+
+    name = cfg.model.name
+    if Path(name).is_dir() or builtin_arch(name) is None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(name)
+        config._attn_implementation = attn_implementation
+        return AutoModelForCausalLM.from_config(config)
+    return build_model(
+        name, vocab_size=len(tokenizer), seed=cfg.seed, attn_implementation=attn_implementation
+    )
+
+
+def _run_tokenizer(run_dir: Path, cfg: RunConfig | None, tokenizer: str | None) -> Any:
+    from maml_ds.models import load_tokenizer, resolve_tokenizer
+
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    if _has_tokenizer(run_dir / "tokenizer"):
+        return load_tokenizer(run_dir / "tokenizer")
+    if cfg is None:
+        raise ConfigError([f"{run_dir}: no tokenizer/ folder and no config; pass --tokenizer"])
+    return resolve_tokenizer(
+        cfg.model.name, tokenizer=cfg.model.tokenizer, run_dir=None, data_dir=None
+    )
+
+
+def _from_checkpoint(
+    ckpt_dir: Path, tag: str, run_dir: Path, tokenizer: str | None, attn_implementation: str
+) -> tuple[Any, Any, RunConfig]:
+    cfg = RunConfig.load(run_dir / "config.json") if _is_run_dir(run_dir) else None
+    if cfg is None:
+        cfg = _checkpoint_config(ckpt_dir / tag)
+    if cfg is None:
+        raise ConfigError(
+            [
+                f"{ckpt_dir / tag}: no run config.json beside the checkpoints and none in the "
+                "checkpoint; point --model at the run folder"
+            ]
+        )
+    tok = _run_tokenizer(run_dir, cfg, tokenizer)
+    model = _model_from_run_config(cfg, tok, attn_implementation)
+    _load_state(model, state_dict_from_checkpoint(ckpt_dir, tag), str(ckpt_dir / tag))
+    return model, tok, cfg
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    tokenizer: str | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Resolve `--model` (see the module docstring) into a model in eval mode and a tokenizer.
+
+    `tokenizer` overrides the tokenizer found with the model. `device`: default CUDA when
+    available, else CPU.
+    """
+    from maml_ds import checkpoint
+    from maml_ds.models import build_model, builtin_arch, load_tokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = Path(spec)
+    loaded: LoadedModel
+    if path.is_dir() and _is_run_dir(path):
+        cfg = RunConfig.load(path / "config.json")
+        final = path / "final"
+        if _is_hf_dir(final):
+            own = final if _has_tokenizer(final) else path / "tokenizer"
+            tok = load_tokenizer(tokenizer or own)
+            model = build_model(str(final), attn_implementation=attn_implementation)
+            loaded = LoadedModel(model, tok, "run-final", str(final), path, cfg)
+        else:
+            ckpt_dir = path / "checkpoints"
+            tag = checkpoint.latest_tag(ckpt_dir)
+            if tag is None:
+                raise ConfigError(
+                    [
+                        f"{path}: a run folder without final/ and without a checkpoint "
+                        f"({ckpt_dir}/latest); train it first or point --model at a model folder"
+                    ]
+                )
+            model, tok, cfg = _from_checkpoint(ckpt_dir, tag, path, tokenizer, attn_implementation)
+            loaded = LoadedModel(model, tok, "run-checkpoint", str(ckpt_dir / tag), path, cfg)
+    elif path.is_dir() and (path / checkpoint.LATEST).is_file():  # RUN/checkpoints
+        tag = checkpoint.latest_tag(path)
+        if tag is None:
+            raise ConfigError([f"{path}/latest names a checkpoint that does not exist"])
+        model, tok, cfg = _from_checkpoint(path, tag, path.parent, tokenizer, attn_implementation)
+        loaded = LoadedModel(model, tok, "checkpoint", str(path / tag), path.parent, cfg)
+    elif path.is_dir() and _is_checkpoint_tag(path):  # RUN/checkpoints/stepN
+        run_dir = path.parent.parent
+        model, tok, cfg = _from_checkpoint(
+            path.parent, path.name, run_dir, tokenizer, attn_implementation
+        )
+        loaded = LoadedModel(model, tok, "checkpoint", str(path), run_dir, cfg)
+    elif path.is_dir() and _is_hf_dir(path):
+        if tokenizer is None and not _has_tokenizer(path):
+            raise ConfigError([f"{path}: a model folder without a tokenizer; pass --tokenizer"])
+        tok = load_tokenizer(tokenizer or path)
+        model = build_model(str(path), attn_implementation=attn_implementation)
+        loaded = LoadedModel(model, tok, "hf-folder", str(path))
+        if path.name == "final" and _is_run_dir(path.parent):  # RUN/final: keep the run's facts
+            loaded.run_dir = path.parent
+            loaded.run_config = RunConfig.load(path.parent / "config.json")
+    elif path.exists():
+        raise ConfigError(
+            [
+                f"--model {spec}: not a maml-ds run folder (config.json + final/ or checkpoints/), "
+                "a DeepSpeed checkpoint folder, nor a Hugging Face model folder"
+            ]
+        )
+    elif builtin_arch(str(spec)) is not None:
+        if tokenizer is None:
+            raise ConfigError(
+                [
+                    f"--model {spec} is a random-init built-in: pass --tokenizer (e.g. a run's "
+                    "tokenizer/ folder)"
+                ]
+            )
+        tok = load_tokenizer(tokenizer)
+        model = build_model(str(spec), vocab_size=len(tok), attn_implementation=attn_implementation)
+        logger.warning("--model %s: a RANDOMLY initialised model (a built-in config)", spec)
+        loaded = LoadedModel(model, tok, "builtin", str(spec))
+    else:
+        tok = load_tokenizer(tokenizer or str(spec))
+        model = build_model(str(spec), attn_implementation=attn_implementation)
+        loaded = LoadedModel(model, tok, "hub", str(spec))
+    if loaded.tokenizer.pad_token_id is None:
+        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    loaded.model.to(device=device, dtype=torch.float32)
+    loaded.model.eval()
+    return loaded
