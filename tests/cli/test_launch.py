@@ -1,0 +1,488 @@
+"""`maml-ds launch`: run folder, DeepSpeed command, every flag error, and real CPU launches."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from launcher.cli import app
+from launcher.presets import PRESETS, check_preset_is_reproduced, load_preset_json, preset_dir
+from maml_ds.config import RunConfig
+from tests.helpers import BIN, REPO, env, free_port, maml_ds
+
+runner = CliRunner()
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def command_argv(stdout: str) -> tuple[dict[str, str], list[str]]:
+    """The printed command (last stdout line) as (environment prefix, argv)."""
+    words = shlex.split(stdout.strip().splitlines()[-1])
+    prefix = {}
+    while "=" in words[0] and not words[0].startswith("/"):
+        key, value = words.pop(0).split("=", 1)
+        prefix[key] = value
+    return prefix, words
+
+
+def deepspeed_args(argv: list[str]):
+    from deepspeed.launcher.runner import parse_args
+
+    assert Path(argv[0]).name == "deepspeed"
+    return parse_args(argv[1:])
+
+
+def dry_run(tmp_path: Path, *args: str):
+    result = runner.invoke(app, ["launch", "--dry-run", "--run-dir", str(tmp_path / "run"), *args])
+    assert result.exit_code == 0, result.output
+    return result, tmp_path / "run"
+
+
+# --------------------------------------------------------------------------------------------
+# Dry runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_dry_run_v100_maml(tmp_path):
+    result, run = dry_run(
+        tmp_path,
+        "--nodes",
+        "1",
+        "--gpus",
+        "8",
+        "--method",
+        "maml-2-4",
+        "--preset",
+        "v100-32gb",
+        "--master-port",
+        "29555",
+    )
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # dynamic scaling
+    assert "bf16" not in ds
+    assert (
+        ds["train_batch_size"]
+        == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8)
+        == 8
+    )
+    assert ds["gradient_clipping"] == 0.0  # MAML: off, explicitly
+    assert (run / "hostfile").read_text() == "localhost slots=8\n"
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.method == "maml-2-4" and cfg.deepspeed.precision == "fp16"
+    assert cfg.out_dir == str(run.resolve())
+    from maml_ds.config import build_deepspeed_config
+
+    assert build_deepspeed_config(cfg, 8) == ds  # the ranks build exactly this JSON
+
+    prefix, argv = command_argv(result.stdout)
+    assert prefix == {}  # CUDA preset: no DS_ACCELERATOR override
+    args = deepspeed_args(argv)
+    assert args.hostfile == str(run.resolve() / "hostfile")
+    assert (args.num_nodes, args.num_gpus, args.master_port) == (1, 8, 29555)
+    assert args.master_addr == "127.0.0.1" and args.no_ssh_check and not args.no_ssh
+    assert not args.no_local_rank  # the root command accepts --local_rank
+    assert Path(args.user_script).name == "maml-ds" and Path(args.user_script).is_file()
+    assert args.user_args == ["train", "--config", str(run.resolve() / "config.json")]
+    assert (run / "launch.sh").read_text().splitlines()[-1] == result.stdout.strip()
+
+
+def test_train_config_reads_the_written_config(tmp_path):
+    """`maml-ds train --config RUN/config.json` resolves to the same RunConfig launch wrote."""
+    from launcher.cli import build_run_config
+
+    _, run = dry_run(tmp_path, "--method", "fomaml-2-1", "--gpus", "2", "--", "--max-steps", "7")
+    written = RunConfig.load(run / "config.json")
+    kwargs = {name: None for name in inspect.signature(build_run_config).parameters}
+    kwargs["config"] = run / "config.json"
+    assert build_run_config(**kwargs).to_dict() == written.to_dict()
+    assert written.max_steps == 7
+
+
+def test_cpu_preset_and_train_options(tmp_path):
+    result, run = dry_run(
+        tmp_path,
+        "--gpus",
+        "2",
+        "--method",
+        "metaicl",
+        "--preset",
+        "cpu",
+        "--",
+        "--max-steps",
+        "3",
+        "--micro-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "4",
+        "--data",
+        "somewhere",
+    )
+    prefix, argv = command_argv(result.stdout)
+    assert prefix == {"DS_ACCELERATOR": "cpu"}
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert "fp16" not in ds and "bf16" not in ds  # fp32
+    assert ds["zero_optimization"]["stage"] == 0
+    assert ds["train_batch_size"] == 2 * 4 * 2
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.max_steps == 3 and cfg.data.data_dir == str(Path("somewhere").resolve())
+    args = deepspeed_args(argv)
+    assert args.user_args[-8:] == [
+        "--max-steps",
+        "3",
+        "--micro-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "4",
+        "--data",
+        "somewhere",
+    ]
+
+
+def test_overrides_and_presets(tmp_path):
+    _, run = dry_run(
+        tmp_path,
+        "--method",
+        "metaicl",
+        "--gpus",
+        "4",
+        "--preset",
+        "a100-80gb",
+        "--zero",
+        "3",
+        "--precision",
+        "fp16",
+    )
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["fp16"]["enabled"]
+    _, run = dry_run(tmp_path, "--method", "metaicl", "--preset", "a100-80gb")
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 1
+
+
+def test_multi_node_hosts(tmp_path):
+    result, run = dry_run(
+        tmp_path,
+        "--nodes",
+        "2",
+        "--gpus",
+        "8",
+        "--hosts",
+        "w0,w1",
+        "--method",
+        "maml-2-1",
+        "--preset",
+        "v100-16gb",
+    )
+    assert (run / "hostfile").read_text() == "w0 slots=8\nw1 slots=8\n"
+    args = deepspeed_args(command_argv(result.stdout)[1])
+    assert (args.num_nodes, args.num_gpus) == (2, 8)
+    assert not args.no_ssh and not args.no_ssh_check  # pdsh over ssh, from node 0
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["stage"] == 2
+
+
+def test_hostfile_is_validated_and_copied(tmp_path):
+    hostfile = tmp_path / "hf"
+    hostfile.write_text("# two nodes\nw0 slots=8\n\nw1 slots=8 max_slots=8\nw2 slots=2\n")
+    _, run = dry_run(
+        tmp_path,
+        "--nodes",
+        "2",
+        "--gpus",
+        "4",
+        "--hostfile",
+        str(hostfile),
+        "--method",
+        "metaicl",
+        "--preset",
+        "v100-32gb",
+    )
+    assert (run / "hostfile").read_text() == "w0 slots=8\nw1 slots=8\nw2 slots=2\n"
+
+
+def test_no_ssh_command(tmp_path):
+    result, run = dry_run(
+        tmp_path,
+        "--nodes",
+        "2",
+        "--gpus",
+        "1",
+        "--hosts",
+        "n0,n1",
+        "--no-ssh",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.1",
+        "--method",
+        "metaicl",
+    )
+    args = deepspeed_args(command_argv(result.stdout)[1])
+    assert args.no_ssh and args.node_rank == 1 and args.master_addr == "10.0.0.1"
+    assert (args.num_nodes, args.num_gpus) == (2, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors (each message names the problem and its fix)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--preset", "tpu"], "unknown preset 'tpu'; --preset is one of: v100-32gb, v100-16gb"),
+        (["--nodes", "0"], "--nodes must be >= 1, got 0"),
+        (["--gpus", "0"], "--gpus must be >= 1"),
+        (["--method", "maml-2"], "unknown method 'maml-2'; valid forms"),
+        (["--hosts", "a", "--hostfile", "hostfiles/localhost"], "give --hostfile F or --hosts"),
+        (["--nodes", "2"], "--nodes 2 needs the nodes: --hostfile F or --hosts"),
+        (["--nodes", "3", "--hosts", "a,b"], "lists 2 host(s) (a, b) but --nodes is 3"),
+        (["--hosts", "a,a,b", "--nodes", "2"], "host a is listed twice"),
+        (["--gpus", "4", "--hostfile", "hostfiles/localhost"],
+         "host localhost (line 6) has slots=2 but --gpus is 4: raise its slots or lower --gpus"),
+        (["--preset", "v100-32gb", "--precision", "bf16"], "V100 has no bf16"),
+        (["--precision", "fp8"], "--precision must be fp32, fp16 or bf16"),
+        (["--zero", "4"], "--zero must be 0, 1, 2 or 3"),
+        (["--master-port", "70000"], "--master-port must be in 1..65535"),
+        (["--node-rank", "1"], "--node-rank is for --no-ssh launches"),
+        (["--no-ssh"], "--no-ssh needs --node-rank R"),
+        (["--no-ssh", "--node-rank", "0"], "--no-ssh needs --run-dir"),
+        (["--", "--bogus"], "train options after `--`: No such option: --bogus"),
+        (["--", "--zero", "2"], "`--zero` after `--` is set by launch: use --zero before `--`"),
+        (["--", "--out", "x"], "`--out` after `--` is set by launch: use --run-dir"),
+        (["--", "--max-steps", "0"], "--max-steps must be >= 1"),
+    ],
+)  # fmt: skip
+def test_flag_errors(args, expected, monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = ["launch", "--method", "metaicl", "--dry-run"]
+    if "--method" in args:
+        base = ["launch", "--dry-run"]
+    result = runner.invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert expected in flat(result.output)
+
+
+def test_hostfile_errors_name_lines(tmp_path):
+    hostfile = tmp_path / "hf"
+    hostfile.write_text("w0 slots=8\nw1 slot=8\nw0 slots=8\n")
+    result = runner.invoke(
+        app,
+        [
+            "launch",
+            "--method",
+            "metaicl",
+            "--dry-run",
+            "--nodes",
+            "2",
+            "--gpus",
+            "8",
+            "--hostfile",
+            str(hostfile),
+        ],
+    )
+    assert result.exit_code == 2
+    text = flat(result.output)
+    assert "line 2: 'w1 slot=8' is not 'HOST slots=N'" in text
+    assert "line 3: host w0 is already listed on line 1" in text
+
+
+def test_every_problem_at_once():
+    result = runner.invoke(
+        app,
+        [
+            "launch",
+            "--dry-run",
+            "--method",
+            "nope",
+            "--preset",
+            "tpu",
+            "--nodes",
+            "0",
+            "--gpus",
+            "0",
+        ],
+    )
+    assert result.exit_code == 2
+    text = flat(result.output)
+    assert "4 problem(s)" in text
+    for part in ("--nodes must be", "--gpus must be", "unknown preset", "unknown method"):
+        assert part in text
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step3").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step3")
+    (tmp_path / "data").mkdir()
+    result = runner.invoke(
+        app,
+        [
+            "launch",
+            "--method",
+            "metaicl",
+            "--run-dir",
+            str(run),
+            "--",
+            "--data",
+            str(tmp_path / "data"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "already holds checkpoints: add `-- --resume`" in flat(result.output)
+
+
+def test_missing_data_folder(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "launch",
+            "--method",
+            "metaicl",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--",
+            "--data",
+            str(tmp_path / "nothing"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "does not exist: create it with `maml-ds data synth" in flat(result.output)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_reproduced_by_the_config_builder(name):
+    check_preset_is_reproduced(PRESETS[name], world_size=8)
+
+
+def test_v100_presets_are_fp16_with_dynamic_loss_scaling():
+    for name in ("v100-32gb", "v100-16gb"):
+        data = load_preset_json(PRESETS[name])
+        assert data["fp16"]["enabled"] and data["fp16"]["loss_scale"] == 0 and "bf16" not in data
+    assert load_preset_json(PRESETS["a100-80gb"])["bf16"] == {"enabled": True}
+    cpu = load_preset_json(PRESETS["cpu"])
+    assert "fp16" not in cpu and "bf16" not in cpu
+    assert PRESETS["cpu"].env == {"DS_ACCELERATOR": "cpu"}
+
+
+def test_repo_ds_configs_mirror_the_package_data():
+    """Top-level ds_configs/ is a byte-identical copy of launcher/ds_configs/ (the source)."""
+    package = {p.name: p.read_bytes() for p in preset_dir().glob("*.json")}
+    mirror = {p.name: p.read_bytes() for p in (REPO / "ds_configs").glob("*.json")}
+    assert package == mirror, "run: cp launcher/ds_configs/*.json ds_configs/"
+    assert set(package) == {p.file for p in PRESETS.values()}
+
+
+# --------------------------------------------------------------------------------------------
+# Real launches on CPU (2 ranks; the default suite's only two real runs)
+# --------------------------------------------------------------------------------------------
+
+TRAIN = ["--max-steps", "3", "--max-examples-per-task", "40", "--k", "4"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(synth_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("launch") / "run"
+    proc = maml_ds(
+        "launch",
+        "--gpus",
+        "2",
+        "--method",
+        "metaicl",
+        "--preset",
+        "cpu",
+        "--run-dir",
+        run,
+        "--master-port",
+        free_port(),
+        "--",
+        "--data",
+        synth_dir,
+        *TRAIN,
+        timeout=300,
+    )
+    return run, proc
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_real_launch_two_cpu_ranks(two_rank_run):
+    run, proc = two_rank_run
+    assert proc.returncode == 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step3"
+    assert (run / "checkpoints" / "step3").is_dir()
+    steps = history(run)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert [s["num_batches"] for s in steps] == [2, 4, 6]  # 2 ranks x 1 micro-batch
+    assert "DS_ACCELERATOR=cpu" in proc.stdout
+
+
+def test_two_nodes_on_localhost_without_ssh(two_rank_run, synth_dir, tmp_path):
+    """Two "nodes" (1 rank each) started by two launches in parallel, DeepSpeed's --no_ssh mode.
+
+    Same seed and data as the 2-rank single-node run: the same losses, bit for bit.
+    """
+    run, port = tmp_path / "run", str(free_port())
+    exe = str(BIN / "maml-ds")
+    procs = [
+        subprocess.Popen(
+            [
+                exe,
+                "launch",
+                "--nodes",
+                "2",
+                "--gpus",
+                "1",
+                "--hosts",
+                "node0,node1",
+                "--no-ssh",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "--method",
+                "metaicl",
+                "--preset",
+                "cpu",
+                "--run-dir",
+                str(run),
+                "--",
+                "--data",
+                str(synth_dir),
+                *TRAIN,
+            ],
+            env=env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        outputs.append(out)
+        assert proc.returncode == 0, out[-6000:]
+    assert "node_rank=0" in outputs[0] and "node_rank=1" in outputs[1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step3"
+    single = history(two_rank_run[0])
+    assert [s["loss"] for s in history(run)] == [s["loss"] for s in single]
+    assert [s["num_batches"] for s in history(run)] == [2, 4, 6]

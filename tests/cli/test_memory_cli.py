@@ -1,0 +1,155 @@
+"""`maml-ds memory`: tables, JSON, plot, errors, and a real measurement on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from launcher.cli import app
+from tests.helpers import maml_ds
+
+runner = CliRunner()
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_paper_setup_json(tmp_path):
+    out = tmp_path / "m.json"
+    result = runner.invoke(
+        app,
+        [
+            "memory",
+            "--model",
+            "gpt2-medium",
+            "--method",
+            "maml-2-4",
+            "--nodes",
+            "1",
+            "--gpus",
+            "8",
+            "--zero",
+            "2",
+            "--precision",
+            "fp16",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "354,823,168 parameters" in text and "S(theta) = 0.710 GB in fp16" in text
+    assert "(1.419 GB fp32)" in text
+    assert "memory vs number of tasks" in text and "meta-gradient accumulator" in text
+    data = json.loads(out.read_text())
+    p = 354_823_168
+    assert data["s_theta_bytes"] == 2 * p
+    assert data["paper_bytes"] == 6 * 2 * p  # (k+2) S, k = n = 4
+    assert data["model_states_bytes"] == data["deepspeed_estimate_bytes"]
+    assert data["deepspeed_estimate_bytes"] == 2 * p + 18 * p // 8
+    r = {row["key"]: row["bytes"] for row in data["rows"]}
+    assert r["adapted_copy"] == 2 * p and r["hvp_vectors"] == 12 * p
+    assert r["meta_gradient_accumulator"] == 0
+    assert [pt["num_tasks"] for pt in data["vs_num_tasks"]] == list(range(1, 9))
+
+
+def test_metaicl_table():
+    result = runner.invoke(
+        app, ["memory", "--model", "gpt2", "--zero", "3", "--gpus", "4", "--precision", "bf16"]
+    )
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "paper formula" in text and "2*S(theta)" in text
+    assert "ZeRO-3 gathered layer" in text and "DeepSpeed estimate" in text
+    assert "adapted parameters" not in text  # MAML rows are not shown for MetaICL
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "gpt5"], "unknown model 'gpt5'"),
+        (["--method", "maml-2"], "unknown method 'maml-2'"),
+        (["--zero", "5"], "--zero must be 0, 1, 2 or 3"),
+        (["--seq-len", "4096"], "exceeds the model's 1024 positions"),
+        (["--method", "maml-2-4", "--measure"], "measuring MAML needs maml_ds.engine"),
+    ],
+)
+def test_errors(args, expected):
+    result = runner.invoke(app, ["memory", *args])
+    assert result.exit_code == 2
+    assert expected in flat(result.output)
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib (the `plot` extra) is not installed")
+def test_plot(tmp_path):
+    out = tmp_path / "mem.png"
+    result = runner.invoke(
+        app,
+        [
+            "memory",
+            "--model",
+            "gpt2-medium",
+            "--method",
+            "maml-2-4",
+            "--gpus",
+            "8",
+            "--zero",
+            "2",
+            "--precision",
+            "fp16",
+            "--plot",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = runner.invoke(app, ["memory", "--plot", str(tmp_path / "x.png")])
+    assert result.exit_code == 2
+    expected = "--plot needs matplotlib, maml-ds's optional `plot` extra: pip install matplotlib"
+    assert expected in flat(result.output)
+
+
+def test_measure_metaicl_matches_prediction(tmp_path):
+    """Real MetaICL steps through deepspeed.initialize (1 CPU process) vs the model: 15%.
+
+    --precision fp16 is measured with bf16 on CPU (same bytes per element; noted in the output).
+    """
+    out = tmp_path / "m.json"
+    proc = maml_ds(
+        "memory",
+        "--model",
+        "gpt2-medium",
+        "--method",
+        "metaicl",
+        "--zero",
+        "2",
+        "--precision",
+        "fp16",
+        "--measure",
+        "--json",
+        str(out),
+        timeout=300,
+    )
+    data = json.loads(out.read_text())
+    measured = data["measured"]
+    assert [m["num_tasks"] for m in measured] == [1, 2, 4, 8]
+    for m in measured:
+        assert m["counter"] == "LiveTensorBytes" and m["precision"] == "bf16"
+        assert m["zero_stage"] == 2
+        assert abs(m["measured_peak_bytes"] / m["predicted_peak_bytes"] - 1) < 0.15, m
+    # MetaICL accumulating n micro-batches stays flat in n
+    peaks = [m["measured_peak_bytes"] for m in measured]
+    assert max(peaks) / min(peaks) < 1.05
+    assert "measured with bf16" in flat(proc.stdout)

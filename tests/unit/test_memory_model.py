@@ -1,0 +1,236 @@
+"""The memory model: S(theta), the paper's formula, the component rows, DeepSpeed's estimators."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maml_ds.config import ConfigError
+from maml_ds.memory import (
+    COMPONENTS,
+    GB,
+    MemorySetup,
+    build_report,
+    count_activation_bytes,
+    deepspeed_estimate,
+    load_model_config,
+    model_facts,
+    paper_bytes,
+)
+from maml_ds.models import GPT2_FAMILY
+
+
+@pytest.fixture(scope="module")
+def medium():
+    return model_facts("gpt2-medium")
+
+
+def rows(report):
+    return {r.key: r.bytes for r in report.rows}
+
+
+def test_gpt2_medium_size(medium):
+    assert medium.num_params == 354_823_168  # the paper's "355 million"
+    assert medium.num_params == GPT2_FAMILY["gpt2-medium"].num_parameters
+    assert round(medium.s_theta("fp32") / GB, 2) == 1.42
+    assert round(medium.s_theta("fp16") / GB, 2) == 0.71
+    # DeepSpeed's ZeRO-3 "largest layer": the (tied) token embedding
+    assert medium.largest_layer_params == 50257 * 1024
+
+
+@pytest.mark.parametrize("name", list(GPT2_FAMILY))
+def test_family_counts_match_architecture_formula(name):
+    assert model_facts(name).num_params == GPT2_FAMILY[name].num_parameters
+
+
+def test_paper_formula(medium):
+    s = medium.s_theta("fp32")
+    assert paper_bytes(medium, MemorySetup(method="metaicl")) == ("2*S(theta)", 2 * s)
+    assert paper_bytes(medium, MemorySetup(method="maml-2-4"))[1] == 6 * s  # k = n = 4
+    assert paper_bytes(medium, MemorySetup(method="maml-4-2"))[1] == 4 * s  # k = n = 2
+    assert paper_bytes(medium, MemorySetup(method="fomaml-2-1"))[1] == 3 * s
+    assert round(6 * s / GB, 2) == 8.52
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 8), (2, 8), (4, 16)])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-xl"])
+def test_metaicl_model_states_agree_with_deepspeed(name, nodes, gpus, precision, stage):
+    facts = model_facts(name)
+    setup = MemorySetup(
+        method="metaicl", zero_stage=stage, precision=precision, num_nodes=nodes, gpus_per_node=gpus
+    )
+    report = build_report(facts, setup)
+    ds = deepspeed_estimate(facts, setup)
+    assert ds is not None and report.deepspeed_estimate_bytes == ds
+    assert abs(report.model_states_bytes - ds) / ds < 0.05
+    r = rows(report)
+    w = nodes * gpus
+    if stage == 3:
+        # The one row DeepSpeed's ZeRO-3 formula leaves out (18 bytes/param/W): the 16-bit
+        # gradient partition, which 0.19.8 allocates (grad_partitions_flat_buffer; measured).
+        assert r["gradients"] == pytest.approx(2 * facts.num_params / w, abs=1)
+        assert report.model_states_bytes + r["gradients"] == pytest.approx(
+            ds + 2 * facts.num_params / w, abs=8
+        )
+
+
+def test_deepspeed_estimators_signatures_and_what_they_count():
+    """Pin the installed estimators' formulas that the agreement test relies on."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p = 1_000_000
+    _, gpu2 = estimate_zero2_model_states_mem_needs(p, num_gpus_per_node=4, cpu_offload=False)
+    assert gpu2 == 2 * p + 18 * p // 4  # fp16 params + (grads16, grads32, master, m, v) / W
+    _, gpu3, largest = estimate_zero3_model_states_mem_needs(
+        p, 1000, num_gpus_per_node=4, cpu_offload=False, cpu_offload_params=False
+    )
+    assert largest == 4000 and gpu3 == 4000 + 18 * p // 4
+
+
+def test_no_deepspeed_estimate_where_it_has_none(medium):
+    assert deepspeed_estimate(medium, MemorySetup(zero_stage=1, precision="fp16")) is None
+    assert deepspeed_estimate(medium, MemorySetup(zero_stage=2, precision="fp32")) is None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_maml_rows(medium, stage):
+    p, w = medium.num_params, 8
+    kw = dict(zero_stage=stage, precision="fp16", gpus_per_node=w)
+    metaicl = build_report(medium, MemorySetup(method="metaicl", **kw))
+    maml = build_report(medium, MemorySetup(method="maml-2-4", **kw))
+    fomaml = build_report(medium, MemorySetup(method="fomaml-2-4", **kw))
+    shards = w if stage == 3 else 1
+    r = rows(maml)
+    assert r["adapted_copy"] == pytest.approx(2 * p / shards, abs=1)  # ONE copy, model dtype
+    assert r["hvp_vectors"] == pytest.approx(3 * 4 * p / shards, abs=1)  # u, g_S, g_S(+eps u)
+    assert r["meta_gradient_accumulator"] == 0  # DeepSpeed's gradient buffers hold it
+    assert rows(fomaml)["hvp_vectors"] == 0 and rows(fomaml)["adapted_copy"] == r["adapted_copy"]
+    assert rows(metaicl)["adapted_copy"] == rows(metaicl)["hvp_vectors"] == 0
+    # Everything else is MetaICL's
+    for key, value in rows(metaicl).items():
+        if key not in ("adapted_copy", "hvp_vectors"):
+            assert r[key] == value, key
+    assert maml.model_states_bytes == metaicl.model_states_bytes
+    assert maml.predicted_peak_bytes > fomaml.predicted_peak_bytes > metaicl.predicted_peak_bytes
+
+
+def test_nothing_grows_with_the_number_of_tasks(medium):
+    reports = [
+        build_report(
+            medium,
+            MemorySetup(method=f"maml-2-{n}", zero_stage=2, precision="fp16", gpus_per_node=8),
+        )
+        for n in (1, 2, 4, 8)
+    ]
+    assert len({tuple(r.bytes for r in rep.rows) for rep in reports}) == 1
+    curve = reports[0].vs_num_tasks
+    assert len({p["maml_ds_bytes"] for p in curve}) == 1
+    s = medium.s_theta("fp16")
+    assert [p["paper_bytes"] for p in curve] == [(n + 2) * s for n in range(1, 9)]
+
+
+def test_zero_partitioning(medium):
+    p, w = medium.num_params, 8
+
+    def r(stage):
+        return rows(
+            build_report(medium, MemorySetup(zero_stage=stage, precision="bf16", gpus_per_node=w))
+        )
+
+    r0, r1, r2, r3 = r(0), r(1), r(2), r(3)
+    assert r0["moments"] == 8 * p and r1["moments"] == r2["moments"] == r3["moments"] == 8 * p // w
+    assert r1["gradients"] == 2 * p and r2["gradients"] == r3["gradients"] == 2 * p // w
+    assert r2["parameters"] == 2 * p and r3["parameters"] == 2 * p // w
+    assert r0["fp32_master"] == 4 * p and r1["fp32_master"] == 4 * p // w
+    assert r3["zero3_working_set"] == 4 * medium.largest_layer_params
+    # fp32 at ZeRO-0: the optimizer steps the parameters themselves (no master copy)
+    fp32 = rows(build_report(medium, MemorySetup(zero_stage=0, precision="fp32")))
+    assert fp32["fp32_master"] == fp32["fp32_gradients"] == 0
+
+
+def test_component_list_is_well_formed():
+    keys = [c.key for c in COMPONENTS]
+    assert len(keys) == len(set(keys))
+    for c in COMPONENTS:
+        assert c.note and c.label
+
+
+def test_any_hf_config_folder(tmp_path):
+    """A non-GPT-2 config from a local folder (nothing downloaded): counted on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    config.save_pretrained(tmp_path)
+    facts = model_facts(str(tmp_path))
+    real = LlamaForCausalLM(config)
+    assert facts.num_params == sum(p.numel() for p in real.parameters())
+    assert (facts.num_layers, facts.hidden_size, facts.max_positions) == (2, 64, 256)
+    report = build_report(facts, MemorySetup(seq_len=128))
+    assert report.predicted_peak_bytes > report.model_states_bytes > 0
+
+
+def test_tiny_builtin_vocab():
+    assert model_facts("tiny").vocab_size == 2048
+    assert model_facts("tiny", vocab_size=500).vocab_size == 512  # rounded up like build_model
+
+
+def test_errors(medium, tmp_path):
+    with pytest.raises(ConfigError, match="unknown model 'gpt5'.*nothing is downloaded"):
+        model_facts("gpt5")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_model_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown method"):
+        MemorySetup(method="reptile").validate()
+    with pytest.raises(ConfigError, match="exceeds the model's 1024 positions"):
+        build_report(medium, MemorySetup(seq_len=2048))
+    with pytest.raises(ConfigError, match="covers hvp-fd and first-order"):
+        MemorySetup(method="maml-2-1", second_order="exact").validate()
+    with pytest.raises(ConfigError) as err:
+        MemorySetup(zero_stage=4, precision="fp8", gpus_per_node=0).validate()
+    assert len(err.value.problems) == 3
+
+
+def test_activation_count_matches_a_real_forward():
+    """The meta-device count equals the bytes a real CPU forward keeps alive for backward."""
+    from maml_ds.memory import all_token_loss
+    from maml_ds.meta.memory import LiveTensorBytes
+
+    config = load_model_config("tiny", vocab_size=512)
+    config._attn_implementation = "eager"
+    predicted = count_activation_bytes(
+        config, seq_len=48, micro_batch_size=2, precision="fp32", attn_implementation="eager"
+    )
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, 512, (2, 48))
+    with LiveTensorBytes() as mem:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = all_token_loss(logits, ids)
+        alive = mem.current_bytes  # graph (saved tensors) + logits + the scalar loss
+    del loss, logits
+    assert abs(alive - predicted) / predicted < 0.05
+
+
+def test_report_is_json(medium):
+    report = build_report(
+        medium, MemorySetup(method="maml-2-4", zero_stage=2, precision="fp16", gpus_per_node=8)
+    )
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["model"]["num_params"] == medium.num_params
+    assert data["setup"]["world_size"] == 8
+    assert {r["key"] for r in data["rows"]} == {c.key for c in COMPONENTS}
