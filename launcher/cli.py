@@ -17,7 +17,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Data utilities (the offline synthetic task suite).", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Data utilities (the offline synthetic task suite).", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
@@ -151,12 +153,16 @@ def train(
     dropout: Annotated[float | None, typer.Option()] = None,
     attn_implementation: Annotated[str | None, typer.Option(help="eager | sdpa")] = None,
     max_length: Annotated[int | None, typer.Option(help="total prompt cap (1024)")] = None,
-    config: Annotated[Path | None, typer.Option(help="a resolved config.json to start from")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="a resolved config.json to start from")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
     stop_after: Annotated[
         int | None,
-        typer.Option(help="stop (with a checkpoint) after N updates of this invocation; "
-                     "--resume continues exactly, e.g. on time-limited cluster jobs"),
+        typer.Option(
+            help="stop (with a checkpoint) after N updates of this invocation; "
+            "--resume continues exactly, e.g. on time-limited cluster jobs"
+        ),
     ] = None,
 ) -> None:
     """Meta-train a causal LM (what each rank runs; `maml-ds launch` starts it on clusters)."""
@@ -168,24 +174,45 @@ def train(
         raise fail("give --lr or --outer-lr, not both with different values")
     try:
         cfg = build_run_config(
-            config=config, method=method, data=data, setting=setting, model=model,
-            tokenizer=tokenizer, out=out, max_steps=max_steps, micro_batch_size=micro_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps, zero=zero,
-            precision=precision, variant=variant, k=k, lr=lr if lr is not None else outer_lr,
-            inner_lr=inner_lr, second_order=second_order, fd_mode=fd_mode,
-            inner_optimizer=inner_optimizer, outer_optimizer=outer_optimizer,
+            config=config,
+            method=method,
+            data=data,
+            setting=setting,
+            model=model,
+            tokenizer=tokenizer,
+            out=out,
+            max_steps=max_steps,
+            micro_batch_size=micro_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            zero=zero,
+            precision=precision,
+            variant=variant,
+            k=k,
+            lr=lr if lr is not None else outer_lr,
+            inner_lr=inner_lr,
+            second_order=second_order,
+            fd_mode=fd_mode,
+            inner_optimizer=inner_optimizer,
+            outer_optimizer=outer_optimizer,
             shared_moments=False if no_shared_moments else None,
-            gradient_clipping=gradient_clipping, train_fraction=train_fraction,
-            max_examples_per_task=max_examples_per_task, seed=seed, save_every=save_every,
-            dropout=dropout, attn_implementation=attn_implementation, max_length=max_length,
+            gradient_clipping=gradient_clipping,
+            train_fraction=train_fraction,
+            max_examples_per_task=max_examples_per_task,
+            seed=seed,
+            save_every=save_every,
+            dropout=dropout,
+            attn_implementation=attn_implementation,
+            max_length=max_length,
         )
         history = run_training(cfg, resume=resume, stop_after=stop_after)
     except (ConfigError, DataError, CheckpointError) as err:
         raise fail(str(err)) from None
     if history:
         last = history[-1]
-        console.print(f"done: {int(last['step'])} updates, last loss {last['loss']:.4f}, "
-                      f"run folder {cfg.out_dir}")
+        console.print(
+            f"done: {int(last['step'])} updates, last loss {last['loss']:.4f}, "
+            f"run folder {cfg.out_dir}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,12 +235,15 @@ def data_synth(
 # --------------------------------------------------------------------------------------------
 # Commands registered from their own modules (one line each)
 # --------------------------------------------------------------------------------------------
-app.command("eval")(__import__("launcher.eval_cmd", fromlist=["_"]).eval_command)
-app.command("adapt")(__import__("launcher.eval_cmd", fromlist=["_"]).adapt_command)
-app.command("compare")(__import__("launcher.eval_cmd", fromlist=["_"]).compare_command)
+from launcher.eval_cmd import adapt_command, compare_command, eval_command  # noqa: E402
+from launcher.launch import launch  # noqa: E402
+from launcher.memory_cmd import memory  # noqa: E402
 
-app.command("launch")(__import__("launcher.launch", fromlist=["_"]).launch)
-app.command("memory")(__import__("launcher.memory_cmd", fromlist=["_"]).memory)
+app.command("eval")(eval_command)
+app.command("adapt")(adapt_command)
+app.command("compare")(compare_command)
+app.command("launch")(launch)
+app.command("memory")(memory)
 
 
 def main() -> None:  # pragma: no cover - console entry point

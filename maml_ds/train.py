@@ -183,6 +183,9 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> SharedMomentAdamW
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
+        inner_optimizer=cfg.meta.inner_optimizer,
+        outer_optimizer=cfg.meta.outer_optimizer,
+        share_moments=cfg.meta.shared_moments,
     )
 
 
@@ -254,9 +257,7 @@ def save_checkpoint(ctx: TrainContext) -> Path:
         "sampler": ctx.sampler.state_dict(),
         "config": ctx.cfg.to_dict(),
     }
-    return checkpoint.save(
-        ctx.engine, ctx.out_dir / CHECKPOINTS, f"step{ctx.state.step}", client
-    )
+    return checkpoint.save(ctx.engine, ctx.out_dir / CHECKPOINTS, f"step{ctx.state.step}", client)
 
 
 def step_function(ctx: TrainContext) -> Callable[[TrainContext], StepStats]:
@@ -321,9 +322,7 @@ def _log(ctx: TrainContext, record: dict[str, float]) -> None:
     if monitor is None or not monitor.enabled or not D.is_main():
         return
     step = int(record["step"])
-    monitor.write_events(
-        [(f"Train/{k}", float(v), step) for k, v in record.items() if k != "step"]
-    )
+    monitor.write_events([(f"Train/{k}", float(v), step) for k, v in record.items() if k != "step"])
 
 
 def export_model(ctx: TrainContext, path: str | Path) -> Path:
@@ -331,8 +330,9 @@ def export_model(ctx: TrainContext, path: str | Path) -> Path:
     path = Path(path)
     module = ctx.engine.module
     params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                            enabled=ctx.cfg.deepspeed.zero_stage == 3):
+    with deepspeed.zero.GatheredParameters(
+        params, modifier_rank=None, enabled=ctx.cfg.deepspeed.zero_stage == 3
+    ):
         if D.is_main():
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
             module.save_pretrained(path, state_dict=state)

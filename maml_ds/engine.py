@@ -1,0 +1,378 @@
+"""MAML-en-LLM through a DeepSpeed engine (ZeRO 0, 1, 2): one meta-update per call.
+
+The math is `maml_ds.meta.meta_gradient`, unchanged; this module only says where its tensors
+live and how ranks cooperate:
+
+* **Partition-local parameters.** Each rank runs the inner steps on the part of the parameters
+  that ZeRO gives it: at ZeRO-1/2 the optimizer's flat fp32 partition of each param group (the
+  tensors `SharedMomentAdamW` keeps the shared moments for, so the inner AdamW steps read and
+  update exactly that partition of the moments); at ZeRO-0, where nothing is partitioned, the
+  same contiguous 1/W chunks of the flattened parameters, with their slice of the moments.
+* **One global objective.** ``loss_fn(local, batch)`` gathers the full parameters from every
+  rank's partition with a *differentiable* all-reduce of zero-padded partitions and returns this
+  rank's share of the batch loss (its token-sum / the global scored-token count of the batch).
+  The sum over ranks is the per-token mean of the global batch, and autograd through the
+  collective gives each rank the gradient of that global objective with respect to its own
+  partition, to every order. So every mode (exact, hvp, hvp-fd, first-order) computes, on every
+  rank, its partition of the exact same meta-gradient that a single process would, with
+  task-synchronous data parallelism (all ranks on one task, its batches split across ranks).
+  Norms for the finite-difference step are all-reduced (`norm_fn`).
+* **Through DeepSpeed's own backward.** The meta-gradient (all ranks hold the same, gathered) is
+  fed by ``engine.backward(sum(p * g_p) / n)`` once per task, with the accumulation boundary on
+  the last task, then ``engine.step()``: rank averaging, ZeRO partitioning, clipping and loss
+  scaling apply; memory stays flat in n (tasks one after another).
+
+ZeRO-3 keeps no full parameters anywhere and its hooks re-partition inside autograd
+(deepspeed-notes.md); MAML at ZeRO-3 is refused at start-up (see `check_supported`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.func import functional_call
+
+from maml_ds import distributed as D
+from maml_ds.config import ConfigError, RunConfig
+from maml_ds.data.prompts import collate
+from maml_ds.data.sampler import TaskSampler
+from maml_ds.losses import scored_loss_sum
+from maml_ds.meta.gradient import meta_gradient
+from maml_ds.meta.optim import AdamWMoments, SharedMomentAdamW
+
+
+def check_supported(cfg: RunConfig) -> None:
+    """Start-up errors for what this engine cannot run (beyond RunConfig.validate)."""
+    spec = cfg.method_spec
+    if spec.kind != "maml":
+        return
+    if cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            [
+                f"--method {cfg.method} at --zero 3 is not supported yet: ZeRO-3 has no full "
+                "parameters for the adapted copy (see docs/engine.md); use --zero 2, which "
+                "partitions the optimizer state and gradients"
+            ]
+        )
+    if cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision != "fp32":
+        raise ConfigError(
+            [
+                f"--zero 0 with --precision {cfg.deepspeed.precision}: DeepSpeed wraps the client "
+                "optimizer in its own mixed-precision optimizer there (and steps it once at "
+                "start-up); use --zero 1 or 2 for fp16/bf16"
+            ]
+        )
+
+
+def build_task_sampler(cfg: RunConfig, tasks) -> TaskSampler:
+    check_supported(cfg)
+    return TaskSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
+
+
+def client_optimizer(engine) -> SharedMomentAdamW:
+    opt = engine.optimizer
+    while not isinstance(opt, SharedMomentAdamW):
+        opt = getattr(opt, "optimizer", None)
+        if opt is None:
+            raise TypeError("the engine's optimizer is not a SharedMomentAdamW")
+    return opt
+
+
+# --------------------------------------------------------------------------------------------
+# Where this rank's partition lives
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    """One flat group: its parameters at offsets of a flat vector, cut into W partitions."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    offsets: list[int]
+    flat_numel: int
+    starts: list[int]  # partition start of each rank
+    sizes: list[int]  # partition size of each rank
+
+
+def _differentiable_sum_over_ranks(t: Tensor) -> Tensor:
+    """Sum over ranks whose backward is again a sum over ranks (to any order)."""
+    if D.world_size() == 1:
+        return t
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of functional collectives, which have no all_reduce autograd.
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t)
+
+
+class PartitionLayout:
+    """This rank's partition of the parameters and of the shared moments (ZeRO 0, 1, 2)."""
+
+    def __init__(self, engine, stage: int):
+        self.engine = engine
+        self.stage = stage
+        self.module = engine.module
+        self.rank, self.world = D.rank(), D.world_size()
+        self.opt = client_optimizer(engine)
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        self.param_by_name = dict(self.module.named_parameters())
+        self.groups: list[_Group] = []
+        if stage == 0:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            offsets, total = [], 0
+            for p in params:
+                offsets.append(total)
+                total += p.numel()
+            size = -(-total // self.world)
+            self.groups.append(
+                _Group([names[id(p)] for p in params], [p.shape for p in params], offsets,
+                       size * self.world, [r * size for r in range(self.world)],
+                       [size] * self.world)
+            )  # fmt: skip
+            self.keys = ["flat0"]
+        else:
+            zopt = engine.optimizer
+            for i, group in enumerate(zopt.round_robin_bit16_groups):
+                parts = zopt.parallel_partitioned_bit16_groups[i]
+                sizes = [int(t.numel()) for t in parts]
+                starts = [sum(sizes[:r]) for r in range(len(sizes))]
+                self.groups.append(
+                    _Group([names[id(p)] for p in group], [p.shape for p in group],
+                           [int(o) for o in zopt.round_robin_bit16_offsets[i]],
+                           int(zopt.bit16_groups_flat[i].numel()), starts, sizes)
+                )  # fmt: skip
+            self.keys = [f"group{i}" for i in range(len(self.groups))]
+            self._partitions = list(zopt.single_partition_of_fp32_groups)
+
+    # ---------------------------------------------------------------- parameters
+    def local_params(self) -> dict[str, Tensor]:
+        """theta_0 of this rank's partition (fp32 master at ZeRO-1/2; a copy at ZeRO-0)."""
+        if self.stage == 0:
+            return {"flat0": self._local_slice(self.groups[0], self.param_by_name).detach()}
+        return {key: part.detach() for key, part in zip(self.keys, self._partitions, strict=True)}
+
+    def _local_slice(self, group: _Group, tensors: Mapping[str, Tensor]) -> Tensor:
+        start, size = group.starts[self.rank], group.sizes[self.rank]
+        pieces, pos = [], start
+        end = start + size
+        for name, offset in zip(group.names, group.offsets, strict=True):
+            t = tensors[name].reshape(-1)
+            lo, hi = max(start, offset), min(end, offset + t.numel())
+            if lo >= hi:
+                continue
+            if lo > pos:  # alignment padding between parameters
+                pieces.append(t.new_zeros(lo - pos))
+            pieces.append(t[lo - offset : hi - offset])
+            pos = hi
+        if pos < end:
+            ref = next(iter(tensors.values()))
+            pieces.append(ref.new_zeros(end - pos).reshape(-1))
+        return torch.cat(pieces).to(torch.float32) if pieces else torch.zeros(size)
+
+    def gather(
+        self, local: Mapping[str, Tensor], *, differentiable: bool = True
+    ) -> dict[str, Tensor]:
+        """Full parameters (by module name) from every rank's partition."""
+        out: dict[str, Tensor] = {}
+        for key, group in zip(self.keys, self.groups, strict=True):
+            part = local[key]
+            start, size = group.starts[self.rank], group.sizes[self.rank]
+            flat = torch.cat(
+                [part.new_zeros(start), part, part.new_zeros(group.flat_numel - start - size)]
+            )
+            if differentiable:
+                flat = _differentiable_sum_over_ranks(flat)
+            elif self.world > 1:
+                flat = flat.detach().clone()
+                dist.all_reduce(flat)
+            for name, shape, offset in zip(group.names, group.shapes, group.offsets, strict=True):
+                numel = math.prod(shape)
+                p = self.param_by_name[name]
+                out[name] = flat[offset : offset + numel].view(shape).to(p.dtype)
+        return out
+
+    def global_norm(self, tensors: Mapping[str, Tensor]) -> float:
+        sq = sum(float(t.detach().double().pow(2).sum()) for t in tensors.values())
+        return math.sqrt(D.all_reduce_sum(sq))
+
+    # ---------------------------------------------------------------- shared moments
+    def inner_moments(self) -> dict[str, AdamWMoments] | None:
+        """The inner AdamW moments of this rank's partition (copies at ZeRO-0)."""
+        if self.opt.inner_optimizer == "sgd":
+            return None
+        if self.stage != 0:
+            return self.opt.inner_state(dict(zip(self.keys, self._partitions, strict=True)))
+        live = self.opt.inner_state({n: self.param_by_name[n] for n in self.groups[0].names})
+        assert live is not None
+        steps = {float(s["step"]) for s in live.values()}
+        if len(steps) != 1:
+            raise RuntimeError(f"per-tensor step counts differ ({sorted(steps)}); cannot flatten")
+        group = self.groups[0]
+        return {
+            "flat0": AdamWMoments(
+                step=next(iter(live.values()))["step"].clone(),
+                exp_avg=self._local_slice(group, {n: s["exp_avg"] for n, s in live.items()}),
+                exp_avg_sq=self._local_slice(group, {n: s["exp_avg_sq"] for n, s in live.items()}),
+            )
+        }
+
+    @torch.no_grad()
+    def store_moments(self, state: Mapping[str, AdamWMoments] | None) -> None:
+        """Write the moments after the inner steps back into the optimizer's state."""
+        if state is None:
+            return
+        if self.stage != 0:
+            self.opt.load_inner_state(dict(zip(self.keys, self._partitions, strict=True)), state)
+            return
+        live = self.opt.inner_state({n: self.param_by_name[n] for n in self.groups[0].names})
+        assert live is not None
+        m = self.gather({"flat0": state["flat0"]["exp_avg"]}, differentiable=False)
+        v = self.gather({"flat0": state["flat0"]["exp_avg_sq"]}, differentiable=False)
+        for name, s in live.items():
+            s["exp_avg"].copy_(m[name])
+            s["exp_avg_sq"].copy_(v[name])
+            s["step"].copy_(state["flat0"]["step"])
+
+    def full_state(self, key: str) -> dict[str, Tensor]:
+        """The optimizer state ``key`` (e.g. exp_avg) of every parameter, gathered (by name)."""
+        if self.stage == 0:
+            return {n: self.opt.state[self.param_by_name[n]][key] for n in self.groups[0].names}
+        local = {
+            k: self.opt.state[t][key] for k, t in zip(self.keys, self._partitions, strict=True)
+        }
+        return self.gather(local, differentiable=False)
+
+    def snapshot_moments(self) -> list[Tensor]:
+        """Copies of every live moment tensor of this rank (restored when an update is skipped)."""
+        return [t.clone() for t in self._live_moment_tensors()]
+
+    @torch.no_grad()
+    def restore_moments(self, snapshot: Sequence[Tensor]) -> None:
+        for live, saved in zip(self._live_moment_tensors(), snapshot, strict=True):
+            live.copy_(saved)
+
+    def _live_moment_tensors(self) -> list[Tensor]:
+        if self.stage == 0:
+            tensors = [self.param_by_name[n] for n in self.groups[0].names]
+        else:
+            tensors = list(self._partitions)
+        out = []
+        for t in tensors:
+            out.extend(v for v in self.opt.state[t].values() if isinstance(v, Tensor))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# One meta-update
+# --------------------------------------------------------------------------------------------
+
+
+def _local_batch(ctx, prompts) -> dict[str, Any]:
+    """This rank's slice of a global task batch, with the global scored-token count."""
+    from maml_ds.train import encode_prompts, num_loss_tokens
+
+    encoded = encode_prompts(ctx, prompts)
+    micro = ctx.cfg.deepspeed.micro_batch_size
+    mine = encoded[D.rank() * micro : (D.rank() + 1) * micro]
+    batch = collate(mine, ctx.tokenizer.pad_token_id)
+    batch = {k: v.to(D.device()) for k, v in batch.items()}
+    batch["num_tokens"] = sum(num_loss_tokens(p) for p in encoded)
+    return batch
+
+
+def make_loss_fn(layout: PartitionLayout):
+    """loss_fn(local partition, batch) -> this rank's share of the batch's per-token mean."""
+
+    def loss_fn(local: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        full = layout.gather(local)
+        logits = functional_call(
+            layout.module,
+            full,
+            args=(),
+            kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+        ).logits
+        return scored_loss_sum(logits, batch)[0].sum() / batch["num_tokens"]
+
+    return loss_fn
+
+
+def maml_step(ctx) -> Any:
+    """One meta-update of MAML-2k-n: n tasks, each k inner steps + k query batches."""
+    from maml_ds.train import StepStats
+
+    cfg, engine = ctx.cfg, ctx.engine
+    spec = cfg.method_spec
+    k, n = spec.num_inner_steps, spec.num_tasks
+    mode = "first-order" if spec.first_order else cfg.meta.second_order
+    layout = getattr(ctx, "layout", None)
+    if layout is None:
+        layout = ctx.layout = PartitionLayout(engine, cfg.deepspeed.zero_stage)
+    loss_fn = make_loss_fn(layout)
+    global_batch = cfg.deepspeed.micro_batch_size * D.world_size()
+    snapshot = layout.snapshot_moments()
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    support_loss = query_loss = 0.0
+    finite = True
+    for t in range(n):
+        batches = ctx.sampler.take(num_batches=2 * k, batch_size=global_batch)
+        local = [_local_batch(ctx, b) for b in batches]
+        result = meta_gradient(
+            loss_fn,
+            layout.local_params(),
+            local[:k],
+            local[k:],
+            inner_lr=cfg.meta.inner_lr,
+            inner_optimizer=cfg.meta.inner_optimizer,
+            second_order=mode,
+            adam_state=layout.inner_moments(),
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            fd_mode=cfg.meta.fd_mode,
+            fd_rel_scale=cfg.meta.fd_scale,
+            norm_fn=layout.global_norm,
+        )
+        layout.store_moments(result.adam_state)
+        support_loss += D.all_reduce_sum(result.support_loss) / n
+        query_loss += D.all_reduce_sum(result.query_loss) / n
+        grads = layout.gather(result.grads, differentiable=False)
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads.values())
+        engine.set_gradient_accumulation_boundary(t == n - 1)
+        names = {id(p): name for name, p in engine.module.named_parameters()}
+        surrogate = (
+            sum(
+                (p * (grads[names[id(p)]] if finite else torch.zeros_like(p)).detach()).sum()
+                for p in params
+            )
+            / n
+        )
+        engine.backward(surrogate)
+        del result, grads, surrogate
+    skipped = not finite
+    if skipped:
+        # Zero meta-gradient at lr 0: parameters stay bit-exact (p * (1 - 0*wd) - 0 * ...); the
+        # moments are put back as they were before this update. The LR schedule advances (the
+        # scheduler resets lr from its lambda right after this step).
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.0
+    engine.step()
+    if skipped:
+        layout.restore_moments(snapshot)
+    skipped = skipped or not engine.was_step_applied()
+    return StepStats(
+        loss=query_loss,
+        num_prompts=2 * k * n * global_batch,
+        num_batches=2 * k * n,
+        skipped=skipped,
+        extra={"support_loss": support_loss, "query_loss": query_loss},
+    )

@@ -1,0 +1,94 @@
+"""One MAML meta-update per case through the DeepSpeed engine; saves params, moments, peak.
+
+Started by tests/engine/test_maml_engine.py as one process or under `deepspeed --num_gpus 2`.
+Usage: python maml_worker.py DATA TOKENIZER OUT MICRO CASE [CASE ...]
+with CASE a comma list of key=value over CASE_DEFAULTS, e.g. zero=2,mode=hvp-fd,method=maml-2-4.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from maml_ds import distributed as D
+from maml_ds.config import RunConfig
+from maml_ds.engine import maml_step
+from maml_ds.meta import LiveTensorBytes
+from maml_ds.train import fit, setup
+
+CASE_DEFAULTS = {
+    "zero": "0", "mode": "hvp-fd", "inner": "adamw", "outer": "adamw", "shared": "1",
+    "method": "maml-2-2", "fd": "one-sided", "measure": "0",
+}  # fmt: skip
+
+
+def parse_case(case: str) -> dict[str, str]:
+    out = dict(CASE_DEFAULTS)
+    for item in filter(None, case.split(",")):
+        key, value = item.split("=")
+        assert key in out, key
+        out[key] = value
+    return out
+
+
+def case_name(case: str, micro: int) -> str:
+    return case.replace(",", "_").replace("=", "-") + f"-m{micro}"
+
+
+def case_config(data: str, tokenizer: str, out: Path, micro: int, case: str) -> RunConfig:
+    c = parse_case(case)
+    cfg = RunConfig(method=c["method"], max_steps=3, seed=11)
+    cfg.out_dir = str(out / case_name(case, micro))
+    cfg.model.tokenizer = tokenizer
+    cfg.data.data_dir = data
+    cfg.data.num_demonstrations = 4
+    cfg.optim.lr = 1e-3
+    # eps 1e-2 bounds AdamW's preconditioner 1/(|g|+eps): fresh moments would otherwise turn
+    # rounding-level gradients (e.g. attention key biases, exactly 0 in exact arithmetic) into
+    # full-size steps, so no two summation orders could agree (docs/engine.md).
+    cfg.optim.eps = 1e-2
+    cfg.meta.inner_lr = 1e-2
+    cfg.meta.second_order = c["mode"]
+    cfg.meta.fd_mode = c["fd"]
+    # A larger FD step than the accuracy-optimal default: engine and reference then differ by
+    # rounding / eps ~ 1e-4 instead of ~1e-2 (the FD truncation error is the same in both).
+    cfg.meta.fd_scale = 1e-3 if c["mode"] == "hvp-fd" else None
+    cfg.meta.inner_optimizer = c["inner"]
+    cfg.meta.outer_optimizer = c["outer"]
+    cfg.meta.shared_moments = c["shared"] == "1"
+    cfg.deepspeed.zero_stage = int(c["zero"])
+    cfg.deepspeed.micro_batch_size = micro
+    cfg.deepspeed.reduce_bucket_size = 20_000
+    cfg.deepspeed.allgather_bucket_size = 20_000
+    return cfg
+
+
+def main() -> None:
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    data, tokenizer, out, micro = argv[0], argv[1], Path(argv[2]), int(argv[3])
+    for case in argv[4:]:
+        cfg = case_config(data, tokenizer, out, micro, case)
+        ctx = setup(cfg)
+        if parse_case(case)["measure"] == "1":
+            maml_step(ctx)  # warm-up: optimizer state and layout exist from here on
+            with LiveTensorBytes() as counter:
+                maml_step(ctx)
+            history, peak = [], counter.peak_bytes
+        else:
+            history, peak = fit(ctx, stop_after=1), None
+        layout = ctx.layout
+        params = {n: p.detach().clone() for n, p in ctx.engine.module.named_parameters()}
+        moments = {}
+        if cfg.meta.outer_optimizer == "adamw":
+            moments = {key: layout.full_state(key) for key in ("exp_avg", "exp_avg_sq")}
+        torch.save(
+            {"params": params, "moments": moments, "history": history, "peak": peak},
+            out / f"{case_name(case, micro)}-rank{D.rank()}.pt",
+        )
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()
