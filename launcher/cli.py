@@ -36,7 +36,7 @@ def _root(
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a user-facing error (no traceback) and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -360,8 +360,8 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError([f"world size must be >= 1, got {world_size}"])
     ds = cfg.deepspeed
     spec = cfg.method_spec
-    # A MAML meta-update is one engine step whose gradient is accumulated over tasks by
-    # set_gradient_accumulation_boundary, not by DeepSpeed's micro-step counter.
+    # A MAML meta-update is one engine.backward of the task-mean meta-gradient and one step
+    # (the engine accumulates the n tasks in this rank's partition, maml_ds/engine.py).
     gas = ds.gradient_accumulation_steps if spec.kind == "metaicl" else 1
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,

@@ -22,8 +22,12 @@ live and how ranks cooperate:
   the last task, then ``engine.step()``: rank averaging, ZeRO partitioning, clipping and loss
   scaling apply; memory stays flat in n (tasks one after another).
 
-ZeRO-3 keeps no full parameters anywhere and its hooks re-partition inside autograd
-(deepspeed-notes.md); MAML at ZeRO-3 is refused at start-up (see `check_supported`).
+ZeRO-3: the partition is each parameter's shard (the optimizer's fp32 sub-group flats). Its
+module hooks re-partition parameters inside autograd and `functional_call` on the engine's module
+fails (deepspeed-notes.md), so the forward passes run `functional_call` on a *shadow* module: the
+same architecture built on the meta device, holding no tensors, fed the gathered parameters.
+`exact` and `hvp` are refused at ZeRO-3 by the config (a start-up error naming `hvp-fd`): their
+double-backward graphs hold full parameters per step, against the point of ZeRO-3.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -52,14 +57,6 @@ def check_supported(cfg: RunConfig) -> None:
     spec = cfg.method_spec
     if spec.kind != "maml":
         return
-    if cfg.deepspeed.zero_stage == 3:
-        raise ConfigError(
-            [
-                f"--method {cfg.method} at --zero 3 is not supported yet: ZeRO-3 has no full "
-                "parameters for the adapted copy (see docs/engine.md); use --zero 2, which "
-                "partitions the optimizer state and gradients"
-            ]
-        )
     if cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision != "fp32":
         raise ConfigError(
             [
@@ -99,6 +96,27 @@ class _Group:
     flat_numel: int
     starts: list[int]  # partition start of each rank
     sizes: list[int]  # partition size of each rank
+    shard_numels: list[int] | None = None
+    """ZeRO-3: each parameter's shard size; the partition is the concatenation of this rank's
+    shards, and parameter j is rows 0..W-1 of its column block, flattened (padded)."""
+
+
+class _CompactGradient(torch.autograd.Function):
+    """Identity whose backward copies the incoming gradient into its own storage.
+
+    The gradient of a partition arrives as a slice of the full-size flat gradient of
+    `gather`; without the copy, every partition-sized gradient kept by the meta-gradient
+    (support gradients, the adjoint) would keep a full parameter-size buffer alive.
+    Differentiable to any order (the copy is an ordinary op).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.clone()
 
 
 def _differentiable_sum_over_ranks(t: Tensor) -> Tensor:
@@ -115,6 +133,23 @@ def _differentiable_sum_over_ranks(t: Tensor) -> Tensor:
         return all_reduce(t)
 
 
+def _param_dtype(p: Tensor) -> torch.dtype:
+    return p.ds_tensor.dtype if hasattr(p, "ds_tensor") else p.dtype
+
+
+def _shadow(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's architecture on the meta device, without ZeRO-3 hooks or tensors: every
+    forward gets all of its parameters from `functional_call`."""
+    if hasattr(module, "config") and hasattr(type(module), "_from_config"):
+        with torch.device("meta"):
+            shadow = type(module)._from_config(module.config)
+    else:
+        raise TypeError(f"cannot build a shadow of {type(module).__name__} for ZeRO-3")
+    if list(shadow.buffers()):
+        raise TypeError(f"{type(module).__name__} has buffers; ZeRO-3 MAML needs none")
+    return shadow.train(module.training)
+
+
 class PartitionLayout:
     """This rank's partition of the parameters and of the shared moments (ZeRO 0, 1, 2)."""
 
@@ -126,6 +161,8 @@ class PartitionLayout:
         self.opt = client_optimizer(engine)
         names = {id(p): n for n, p in self.module.named_parameters()}
         self.param_by_name = dict(self.module.named_parameters())
+        self.dtype_by_name = {n: _param_dtype(p) for n, p in self.param_by_name.items()}
+        self.forward_module = self.module
         self.groups: list[_Group] = []
         if stage == 0:
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -140,6 +177,20 @@ class PartitionLayout:
                        [size] * self.world)
             )  # fmt: skip
             self.keys = ["flat0"]
+        elif stage == 3:
+            zopt = engine.optimizer
+            for sub_group in zopt.fp16_groups:
+                shard = [int(p.partition_numel()) for p in sub_group]
+                offsets = [sum(shard[:j]) for j in range(len(shard))]
+                size = sum(shard)
+                self.groups.append(
+                    _Group([names[id(p)] for p in sub_group], [p.ds_shape for p in sub_group],
+                           offsets, size * self.world, [r * size for r in range(self.world)],
+                           [size] * self.world, shard_numels=shard)
+                )  # fmt: skip
+            self.keys = [f"group{i}" for i in range(len(self.groups))]
+            self._partitions = list(zopt.fp32_partitioned_groups_flat)
+            self.forward_module = _shadow(self.module)
         else:
             zopt = engine.optimizer
             for i, group in enumerate(zopt.round_robin_bit16_groups):
@@ -185,7 +236,7 @@ class PartitionLayout:
         """Full parameters (by module name) from every rank's partition."""
         out: dict[str, Tensor] = {}
         for key, group in zip(self.keys, self.groups, strict=True):
-            part = local[key]
+            part = _CompactGradient.apply(local[key]) if differentiable else local[key]
             start, size = group.starts[self.rank], group.sizes[self.rank]
             flat = torch.cat(
                 [part.new_zeros(start), part, part.new_zeros(group.flat_numel - start - size)]
@@ -195,10 +246,16 @@ class PartitionLayout:
             elif self.world > 1:
                 flat = flat.detach().clone()
                 dist.all_reduce(flat)
-            for name, shape, offset in zip(group.names, group.shapes, group.offsets, strict=True):
-                numel = math.prod(shape)
-                p = self.param_by_name[name]
-                out[name] = flat[offset : offset + numel].view(shape).to(p.dtype)
+            if group.shard_numels is not None:  # ZeRO-3: [W, size], a column block per param
+                flat = flat.view(self.world, size)
+            for j, (name, shape) in enumerate(zip(group.names, group.shapes, strict=True)):
+                numel, offset = math.prod(shape), group.offsets[j]
+                if group.shard_numels is None:
+                    piece = flat[offset : offset + numel]
+                else:
+                    block = flat[:, offset : offset + group.shard_numels[j]]
+                    piece = block.reshape(-1)[:numel]
+                out[name] = piece.view(shape).to(self.dtype_by_name[name])
         return out
 
     def global_norm(self, tensors: Mapping[str, Tensor]) -> float:
@@ -296,7 +353,7 @@ def make_loss_fn(layout: PartitionLayout):
     def loss_fn(local: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         full = layout.gather(local)
         logits = functional_call(
-            layout.module,
+            layout.forward_module,
             full,
             args=(),
             kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
@@ -322,8 +379,8 @@ def maml_step(ctx) -> Any:
     snapshot = layout.snapshot_moments()
     params = [p for p in engine.module.parameters() if p.requires_grad]
     support_loss = query_loss = 0.0
-    finite = True
-    for t in range(n):
+    accumulated: dict[str, Tensor] | None = None  # sum over tasks, this rank's partition
+    for _ in range(n):
         batches = ctx.sampler.take(num_batches=2 * k, batch_size=global_batch)
         local = [_local_batch(ctx, b) for b in batches]
         result = meta_gradient(
@@ -345,26 +402,29 @@ def maml_step(ctx) -> Any:
         layout.store_moments(result.adam_state)
         support_loss += D.all_reduce_sum(result.support_loss) / n
         query_loss += D.all_reduce_sum(result.query_loss) / n
-        grads = layout.gather(result.grads, differentiable=False)
-        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads.values())
-        engine.set_gradient_accumulation_boundary(t == n - 1)
-        names = {id(p): name for name, p in engine.module.named_parameters()}
-        surrogate = (
-            sum(
-                (p * (grads[names[id(p)]] if finite else torch.zeros_like(p)).detach()).sum()
-                for p in params
-            )
-            / n
-        )
-        engine.backward(surrogate)
-        del result, grads, surrogate
-    skipped = not finite
+        if accumulated is None:
+            accumulated = result.grads
+        else:  # (no loop variable here: it would keep a partition alive into the next task)
+            torch._foreach_add_(list(accumulated.values()), list(result.grads.values()))
+        del result
+    assert accumulated is not None
+    grads = layout.gather({key: g / n for key, g in accumulated.items()}, differentiable=False)
+    del accumulated
+    # All ranks hold the same gathered meta-gradient, so this decision is the same everywhere.
+    skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
     if skipped:
-        # Zero meta-gradient at lr 0: parameters stay bit-exact (p * (1 - 0*wd) - 0 * ...); the
-        # moments are put back as they were before this update. The LR schedule advances (the
-        # scheduler resets lr from its lambda right after this step).
+        # Feed zeros at lr 0: parameters stay bit-exact (p * (1 - 0*wd) - 0 * ...), and the
+        # moments are put back below as they were before this update. The LR schedule
+        # advances (the scheduler resets lr from its lambda right after the step).
+        grads = {name: torch.zeros_like(g) for name, g in grads.items()}
         for group in engine.optimizer.param_groups:
             group["lr"] = 0.0
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    # ZeRO-3: the surrogate and its backward must see full parameters (deepspeed-notes.md).
+    with deepspeed.zero.GatheredParameters(params, enabled=layout.stage == 3):
+        surrogate = sum((p * grads[names[id(p)]]).sum() for p in params)
+        engine.backward(surrogate)
+    del grads, surrogate
     engine.step()
     if skipped:
         layout.restore_moments(snapshot)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 
 from maml_ds import distributed as D
@@ -79,7 +80,11 @@ def main() -> None:
         else:
             history, peak = fit(ctx, stop_after=1), None
         layout = ctx.layout
-        params = {n: p.detach().clone() for n, p in ctx.engine.module.named_parameters()}
+        module = ctx.engine.module
+        with deepspeed.zero.GatheredParameters(
+            list(module.parameters()), enabled=cfg.deepspeed.zero_stage == 3
+        ):
+            params = {n: p.detach().clone() for n, p in module.named_parameters()}
         moments = {}
         if cfg.meta.outer_optimizer == "adamw":
             moments = {key: layout.full_state(key) for key in ("exp_avg", "exp_avg_sq")}

@@ -1,9 +1,10 @@
 """MAML-en-LLM through the DeepSpeed engine against a single-process reference.
 
 One meta-update of maml-2-2 (k=1, n=2) per case, on 1 rank (micro-batch 2) and 2 ranks
-(micro-batch 1), ZeRO 0, 1, 2: parameters and moments equal the reference built on
-`maml_ds.meta.meta_gradient` + SharedMomentAdamW (relative 1e-5 for exact/hvp, 1e-3 for hvp-fd:
-see docs/engine.md), moments identical on every rank, memory flat in n.
+(micro-batch 1), ZeRO 0, 1, 2 and 3 (hvp-fd only at 3): parameters and moments equal the
+reference built on `maml_ds.meta.meta_gradient` + SharedMomentAdamW (relative 1e-5 for
+exact/hvp, 1e-3 for hvp-fd: see docs/engine.md), moments identical on every rank, memory flat
+in n.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ TWO_RANK_CASES = [
     "zero=1,mode=first-order",
     "zero=2,mode=hvp-fd,inner=sgd,shared=0",
     "zero=1,mode=hvp,shared=0",
+    "zero=3,mode=hvp-fd",
 ]
 ONE_RANK_CASES = [
     "zero=0,mode=hvp-fd",
     "zero=1,mode=exact",
     "zero=2,mode=hvp",
     "zero=2,mode=hvp-fd,inner=adamw,outer=sgd,shared=0",
+    "zero=3,mode=hvp-fd,fd=central",
 ]
 MEMORY_CASES = [f"zero=2,mode=hvp-fd,method=maml-2-{n},measure=1" for n in (1, 2, 4)]
 

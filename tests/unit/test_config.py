@@ -98,7 +98,7 @@ def test_deepspeed_json_batch_arithmetic_and_stages():
     assert "stage3_param_persistence_threshold" in ds["zero_optimization"]
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert ds["zero_allow_untested_optimizer"] is True
-    # MAML accumulates its tasks itself: DeepSpeed's accumulation stays 1.
+    # MAML: one backward + one step per meta-update; the engine accumulates the n tasks.
     cfg = RunConfig(method="maml-2-4")
     cfg.deepspeed.precision = "bf16"
     ds = build_deepspeed_config(cfg, world_size=4)
