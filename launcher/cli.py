@@ -65,6 +65,7 @@ def build_run_config(
     inner_lr: float | None,
     second_order: str | None,
     fd_mode: str | None,
+    fd_scale: float | None,
     inner_optimizer: str | None,
     outer_optimizer: str | None,
     shared_moments: bool | None,
@@ -98,6 +99,7 @@ def build_run_config(
         ("meta", "inner_lr"): inner_lr,
         ("meta", "second_order"): second_order,
         ("meta", "fd_mode"): fd_mode,
+        ("meta", "fd_scale"): fd_scale,
         ("meta", "inner_optimizer"): inner_optimizer,
         ("meta", "outer_optimizer"): outer_optimizer,
         ("meta", "shared_moments"): shared_moments,
@@ -140,6 +142,9 @@ def train(
         str | None, typer.Option(help="hvp-fd | hvp | exact | first-order")
     ] = None,
     fd_mode: Annotated[str | None, typer.Option(help="one-sided | central")] = None,
+    fd_scale: Annotated[
+        float | None, typer.Option(help="FD step r = ||eps w|| / ||theta|| (default per dtype)")
+    ] = None,
     inner_optimizer: Annotated[str | None, typer.Option(help="adamw | sgd")] = None,
     outer_optimizer: Annotated[str | None, typer.Option(help="adamw | sgd")] = None,
     no_shared_moments: Annotated[
@@ -192,6 +197,7 @@ def train(
             inner_lr=inner_lr,
             second_order=second_order,
             fd_mode=fd_mode,
+            fd_scale=fd_scale,
             inner_optimizer=inner_optimizer,
             outer_optimizer=outer_optimizer,
             shared_moments=False if no_shared_moments else None,

@@ -303,8 +303,9 @@ def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, f
             record.update(stats.extra)
             history.append(record)
             _log(ctx, record)
-            info = f"loss {stats.loss:.4f}  {rate:.1f} prompts/s" + "".join(
-                f"  {k} {v:.4g}" for k, v in stats.extra.items() if k.endswith("loss")
+            info = (
+                f"loss {stats.loss:.4f}  batches {state.num_batches}  {rate:.1f} prompts/s"
+                + "".join(f"  {k} {v:.4g}" for k, v in stats.extra.items() if k.endswith("loss"))
             )
             progress.update(bar, completed=state.step, info=info)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < last:
