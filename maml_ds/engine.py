@@ -309,24 +309,31 @@ class PartitionLayout:
         }
         return self.gather(local, differentiable=False)
 
-    def snapshot_moments(self) -> list[Tensor]:
-        """Copies of every live moment tensor of this rank (restored when an update is skipped)."""
-        return [t.clone() for t in self._live_moment_tensors()]
+    def _state_owners(self) -> list[Tensor]:
+        """The tensors this rank's optimizer state is keyed by."""
+        if self.stage == 0:
+            return [self.param_by_name[n] for n in self.groups[0].names]
+        return list(self._partitions)
+
+    def snapshot_moments(self) -> list[dict[str, Any]]:
+        """A copy of this rank's whole optimizer state (to restore when an update is skipped)."""
+        return [
+            {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.opt.state[t].items()}
+            for t in self._state_owners()
+        ]
 
     @torch.no_grad()
-    def restore_moments(self, snapshot: Sequence[Tensor]) -> None:
-        for live, saved in zip(self._live_moment_tensors(), snapshot, strict=True):
-            live.copy_(saved)
-
-    def _live_moment_tensors(self) -> list[Tensor]:
-        if self.stage == 0:
-            tensors = [self.param_by_name[n] for n in self.groups[0].names]
-        else:
-            tensors = list(self._partitions)
-        out = []
-        for t in tensors:
-            out.extend(v for v in self.opt.state[t].values() if isinstance(v, Tensor))
-        return out
+    def restore_moments(self, snapshot: Sequence[Mapping[str, Any]]) -> None:
+        """Put the state back exactly: same keys (state created since is dropped), same values."""
+        for owner, saved in zip(self._state_owners(), snapshot, strict=True):
+            state = self.opt.state[owner]
+            for key in [k for k in state if k not in saved]:
+                del state[key]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and isinstance(state.get(key), Tensor):
+                    state[key].copy_(value)
+                else:
+                    state[key] = value
 
 
 # --------------------------------------------------------------------------------------------

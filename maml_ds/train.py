@@ -299,6 +299,7 @@ def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, f
                 "loss": stats.loss,
                 "prompts_per_s": rate,
                 "num_batches": state.num_batches,
+                "skipped": float(stats.skipped),
             }
             record.update(stats.extra)
             history.append(record)

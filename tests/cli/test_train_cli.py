@@ -17,10 +17,12 @@ def history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def test_metaicl_loss_falls(synth_dir, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("variant", ["direct", "channel"])
+def test_metaicl_loss_falls(synth_dir, tokenizer_dir, tmp_path, variant):
     run = tmp_path / "run"
     maml_ds("train", "--method", "metaicl", "--data", synth_dir, "--tokenizer", tokenizer_dir,
-            "--out", run, "--max-steps", "40", "--lr", "3e-3", *COMMON)  # fmt: skip
+            "--out", run, "--max-steps", "40", "--lr", "3e-3", "--variant", variant,
+            *COMMON)  # fmt: skip
     losses = [r["loss"] for r in history(run)]
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

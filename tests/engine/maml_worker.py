@@ -21,7 +21,7 @@ from maml_ds.train import fit, setup
 
 CASE_DEFAULTS = {
     "zero": "0", "mode": "hvp-fd", "inner": "adamw", "outer": "adamw", "shared": "1",
-    "method": "maml-2-2", "fd": "one-sided", "measure": "0",
+    "method": "maml-2-2", "fd": "one-sided", "measure": "0", "nan": "0", "variant": "direct",
 }  # fmt: skip
 
 
@@ -51,6 +51,7 @@ def case_config(data: str, tokenizer: str, out: Path, micro: int, case: str) -> 
     # full-size steps, so no two summation orders could agree (docs/engine.md).
     cfg.optim.eps = 1e-2
     cfg.meta.inner_lr = 1e-2
+    cfg.data.variant = c["variant"]
     cfg.meta.second_order = c["mode"]
     cfg.meta.fd_mode = c["fd"]
     # A larger FD step than the accuracy-optimal default: engine and reference then differ by
@@ -66,12 +67,31 @@ def case_config(data: str, tokenizer: str, out: Path, micro: int, case: str) -> 
     return cfg
 
 
+def poison_second_task() -> None:
+    """Make the second task's meta-gradient NaN on every rank (the skip path)."""
+    import maml_ds.engine as engine_module
+
+    original, calls = engine_module.meta_gradient, []
+
+    def poisoned(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            for g in result.grads.values():
+                g.fill_(float("nan"))
+        return result
+
+    engine_module.meta_gradient = poisoned
+
+
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     data, tokenizer, out, micro = argv[0], argv[1], Path(argv[2]), int(argv[3])
     for case in argv[4:]:
         cfg = case_config(data, tokenizer, out, micro, case)
         ctx = setup(cfg)
+        if parse_case(case)["nan"] == "1":
+            poison_second_task()
         if parse_case(case)["measure"] == "1":
             maml_step(ctx)  # warm-up: optimizer state and layout exist from here on
             with LiveTensorBytes() as counter:
@@ -85,11 +105,18 @@ def main() -> None:
             list(module.parameters()), enabled=cfg.deepspeed.zero_stage == 3
         ):
             params = {n: p.detach().clone() for n, p in module.named_parameters()}
+        state_keys = sorted({k for t in layout._state_owners() for k in layout.opt.state[t]})
         moments = {}
-        if cfg.meta.outer_optimizer == "adamw":
+        if cfg.meta.outer_optimizer == "adamw" and "exp_avg" in state_keys:
             moments = {key: layout.full_state(key) for key in ("exp_avg", "exp_avg_sq")}
         torch.save(
-            {"params": params, "moments": moments, "history": history, "peak": peak},
+            {
+                "params": params,
+                "moments": moments,
+                "history": history,
+                "peak": peak,
+                "state_keys": state_keys,
+            },
             out / f"{case_name(case, micro)}-rank{D.rank()}.pt",
         )
     D.shutdown()

@@ -31,6 +31,9 @@ TWO_RANK_CASES = [
     "zero=2,mode=hvp-fd,inner=sgd,shared=0",
     "zero=1,mode=hvp,shared=0",
     "zero=3,mode=hvp-fd",
+    "zero=2,mode=hvp-fd,variant=channel",
+    "zero=2,mode=hvp-fd,nan=1",
+    "zero=0,mode=hvp,shared=0,nan=1",
 ]
 ONE_RANK_CASES = [
     "zero=0,mode=hvp-fd",
@@ -66,7 +69,7 @@ def load(out: Path, case: str, micro: int, rank: int = 0) -> dict:
 
 @pytest.mark.parametrize(
     "case, micro, world",
-    [(c, 1, 2) for c in TWO_RANK_CASES] + [(c, 2, 1) for c in ONE_RANK_CASES],
+    [(c, 1, 2) for c in TWO_RANK_CASES if "nan" not in c] + [(c, 2, 1) for c in ONE_RANK_CASES],
 )
 def test_engine_matches_single_process_reference(
     runs, synth_dir, tokenizer_dir, case, micro, world
@@ -91,6 +94,20 @@ def test_engine_matches_single_process_reference(
                 assert torch.equal(other["moments"][key][n], got["moments"][key][n])
     loss = got["history"][-1]
     assert loss["num_batches"] == 4 and loss["query_loss"] > 0 and loss["support_loss"] > 0
+
+
+@pytest.mark.parametrize("case", [c for c in TWO_RANK_CASES if "nan=1" in c])
+def test_non_finite_meta_gradient_skips_the_update(runs, tokenizer_dir, case):
+    """A NaN meta-gradient (second task) leaves parameters bit-exact and the optimizer state as
+    before the update (here: none at all), and the skip is counted."""
+    tok = load_tokenizer(tokenizer_dir)
+    init = dict(build_model("tiny", vocab_size=len(tok), seed=11).named_parameters())
+    for rank in range(2):
+        got = load(runs, case, 1, rank)
+        for name, p in init.items():
+            assert torch.equal(got["params"][name], p.detach()), name
+        assert got["history"][-1]["skipped"] == 1.0
+        assert got["state_keys"] == []
 
 
 def test_second_order_term_is_applied(runs):
