@@ -26,7 +26,8 @@ def test_metaicl_loss_falls(synth_dir, tokenizer_dir, tmp_path, variant):
     losses = [r["loss"] for r in history(run)]
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
+    # channel scores the made-up input words (harder to predict than a label word)
+    assert last < (0.6 if variant == "direct" else 0.8) * first, (first, last)
     assert (run / "final" / "model.safetensors").is_file()
     assert (run / "checkpoints" / "latest").read_text() == "step40"
     assert json.loads((run / "config.json").read_text())["max_steps"] == 40
