@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from launcher.errors import err_console as console
+from launcher.errors import fail
 from maml_ds.config import ConfigError, RunConfig
 
 app = typer.Typer(
@@ -21,7 +22,6 @@ data_app = typer.Typer(
     help="Data utilities (the offline synthetic task suite).", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
 
 
 @app.callback()
@@ -32,12 +32,6 @@ def _root(
     ] = None,
 ) -> None:
     """MAML-en-LLM and MetaICL meta-training of causal LMs on DeepSpeed."""
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a user-facing error (no traceback) and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 # --------------------------------------------------------------------------------------------

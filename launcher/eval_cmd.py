@@ -17,15 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from launcher.errors import err_console, fail
 from maml_ds.config import ConfigError
 
-err_console = Console(stderr=True)
 out_console = Console()
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -285,7 +280,7 @@ def eval_command(
             cache_dir=None if no_cache else out_dir / "cache",
         )
     except (ConfigError, DataError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     name = f"eval_{_slug(result.setting)}_{options.scope}_{method}_{baseline}_k{k}.json"
     path = result.save(out_dir / name)
     _print_result(result, path)
@@ -362,7 +357,7 @@ def adapt_command(
             keep_dir=keep,
         )
     except (ConfigError, DataError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     name = f"adapt_{_slug(result.setting)}_{method}_lr{lr:g}_steps{steps}_k{k}.json"
     path = result.save(out_dir / name)
     _print_result(result, path)
@@ -391,13 +386,13 @@ def compare_command(
         summaries = [read_result(p) for p in iter_result_files(results)]
         summaries.sort(key=lambda s: paper_order(s.label))  # stable: columns keep file order
     except DataError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if not summaries:
-        raise _fail("no result files given (JSON written by `maml-ds eval` / `maml-ds adapt`)")
+        raise fail("no result files given (JSON written by `maml-ds eval` / `maml-ds adapt`)")
     seen: dict[tuple[str, str], Path] = {}
     for s in summaries:
         if (s.label, s.column) in seen:
-            raise _fail(
+            raise fail(
                 f"two results for {s.label!r} on {s.column}: {seen[(s.label, s.column)]} and "
                 f"{s.path}; give one of them another name with `maml-ds eval --label`"
             )
