@@ -98,7 +98,7 @@ class _Group:
     sizes: list[int]  # partition size of each rank
     shard_numels: list[int] | None = None
     """ZeRO-3: each parameter's shard size; the partition is the concatenation of this rank's
-    shards, and parameter j is rows 0..W-1 of its column block, flattened (padded)."""
+    shards, and the full flat vector holds parameter j as its W shards side by side (padded)."""
 
 
 class _CompactGradient(torch.autograd.Function):
@@ -148,6 +148,27 @@ def _shadow(module: torch.nn.Module) -> torch.nn.Module:
     if list(shadow.buffers()):
         raise TypeError(f"{type(module).__name__} has buffers; ZeRO-3 MAML needs none")
     return shadow.train(module.training)
+
+
+def _split_params(flat: Tensor, group: _Group, world: int) -> list[Tensor]:
+    """The parameters of a group (in `group.names` order, shaped) from its full flat vector."""
+    shapes = group.shapes
+    if group.shard_numels is not None:  # ZeRO-3: parameter-major blocks of W shards each
+        blocks = flat.split([world * numel for numel in group.shard_numels])
+        return [b[: math.prod(shape)].view(shape) for b, shape in zip(blocks, shapes, strict=True)]
+    sizes, keep, pos = [], [], 0  # alignment gaps between parameters are split off too
+    for shape, offset in zip(shapes, group.offsets, strict=True):
+        if offset > pos:
+            sizes.append(offset - pos)
+            keep.append(False)
+        sizes.append(math.prod(shape))
+        keep.append(True)
+        pos = offset + math.prod(shape)
+    if pos < flat.numel():
+        sizes.append(flat.numel() - pos)
+        keep.append(False)
+    pieces = [p for p, k in zip(flat.split(sizes), keep, strict=True) if k]
+    return [p.view(shape) for p, shape in zip(pieces, shapes, strict=True)]
 
 
 class PartitionLayout:
@@ -237,29 +258,39 @@ class PartitionLayout:
         out: dict[str, Tensor] = {}
         for key, group in zip(self.keys, self.groups, strict=True):
             part = _CompactGradient.apply(local[key]) if differentiable else local[key]
-            start, size = group.starts[self.rank], group.sizes[self.rank]
-            flat = torch.cat(
-                [part.new_zeros(start), part, part.new_zeros(group.flat_numel - start - size)]
-            )
+            flat = torch.cat(self._padded_pieces(part, group))
             if differentiable:
                 flat = _differentiable_sum_over_ranks(flat)
             elif self.world > 1:
                 flat = flat.detach().clone()
                 dist.all_reduce(flat)
-            if group.shard_numels is not None:  # ZeRO-3: [W, size], a column block per param
-                flat = flat.view(self.world, size)
-            for j, (name, shape) in enumerate(zip(group.names, group.shapes, strict=True)):
-                numel, offset = math.prod(shape), group.offsets[j]
-                if group.shard_numels is None:
-                    piece = flat[offset : offset + numel]
-                else:
-                    block = flat[:, offset : offset + group.shard_numels[j]]
-                    piece = block.reshape(-1)[:numel]
-                out[name] = piece.view(shape).to(self.dtype_by_name[name])
+            # One split per group, not one slice per parameter: the backward of a split is one
+            # full-size gradient, while each slice's backward would zero-fill its own.
+            for name, piece in zip(
+                group.names, _split_params(flat, group, self.world), strict=True
+            ):
+                out[name] = piece.to(self.dtype_by_name[name])
         return out
 
+    def _padded_pieces(self, part: Tensor, group: _Group) -> list[Tensor]:
+        """This rank's partition placed in a zero full-size flat vector (as pieces to cat).
+
+        ZeRO 0-2: the partition is one contiguous range. ZeRO-3: the partition is this rank's
+        shard of every parameter; they are placed parameter-major (parameter j's W shards side
+        by side), so that each parameter is a contiguous prefix of its block.
+        """
+        if group.shard_numels is None:
+            start, size = group.starts[self.rank], group.sizes[self.rank]
+            return [part.new_zeros(start), part, part.new_zeros(group.flat_numel - start - size)]
+        pieces = []
+        for shard, numel in zip(part.split(group.shard_numels), group.shard_numels, strict=True):
+            before, after = self.rank * numel, (self.world - 1 - self.rank) * numel
+            pieces += [part.new_zeros(before), shard, part.new_zeros(after)]
+        return pieces
+
     def global_norm(self, tensors: Mapping[str, Tensor]) -> float:
-        sq = sum(float(t.detach().double().pow(2).sum()) for t in tensors.values())
+        """L2 norm over all ranks' partitions (float32 per tensor, summed in float64)."""
+        sq = sum(float(torch.linalg.vector_norm(t.detach())) ** 2 for t in tensors.values())
         return math.sqrt(D.all_reduce_sum(sq))
 
     # ---------------------------------------------------------------- shared moments

@@ -22,6 +22,7 @@ from maml_ds.train import fit, setup
 CASE_DEFAULTS = {
     "zero": "0", "mode": "hvp-fd", "inner": "adamw", "outer": "adamw", "shared": "1",
     "method": "maml-2-2", "fd": "one-sided", "measure": "0", "nan": "0", "variant": "direct",
+    "maxlen": "0",
 }  # fmt: skip
 
 
@@ -52,6 +53,9 @@ def case_config(data: str, tokenizer: str, out: Path, micro: int, case: str) -> 
     cfg.optim.eps = 1e-2
     cfg.meta.inner_lr = 1e-2
     cfg.data.variant = c["variant"]
+    if c["maxlen"] != "0":  # every prompt cut to exactly this length (left truncation)
+        cfg.data.max_length = int(c["maxlen"])
+        cfg.data.max_length_per_example = 32
     cfg.meta.second_order = c["mode"]
     cfg.meta.fd_mode = c["fd"]
     # A larger FD step than the accuracy-optimal default: engine and reference then differ by
