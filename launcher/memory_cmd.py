@@ -48,12 +48,13 @@ def print_report(report, console: Console) -> None:
         table.add_row(row.label, row.phase, _gb(row.bytes), row.note)
     table.add_section()
     for phase in PHASES:
-        table.add_row(f"[dim]sum {phase}[/]", "", _gb(report.phase_bytes[phase]), "")
+        if report.phase_bytes[phase] or phase == "persistent":
+            table.add_row(f"[dim]sum {phase}[/]", "", _gb(report.phase_bytes[phase]), "")
     table.add_row(
         "[bold]predicted peak[/]",
-        "",
+        report.peak_phase,
         f"[bold]{_gb(report.predicted_peak_bytes)}[/]",
-        "persistent + the largest transient phase",
+        "persistent + the largest transient phase (a row can be alive in several phases)",
     )
     table.add_row(
         "model states",
@@ -85,30 +86,36 @@ def print_report(report, console: Console) -> None:
             )
         console.print(vs)
     if report.measured:
-        meas = Table(title="measured vs predicted (model actually run)", title_justify="left")
-        for col in (
-            "n",
-            "model",
-            "ZeRO",
-            "precision",
-            "measured GB",
-            "predicted GB",
-            "ratio",
-            "counter",
-        ):
-            meas.add_column(col, justify="right" if col not in ("model", "counter") else "left")
+        meas = Table(
+            title="measured vs predicted per rank (the model actually run)", title_justify="left"
+        )
+        columns = (
+            "n", "method", "model", "ZeRO", "ranks", "precision", "measured GB",
+            "predicted GB", "ratio", "paper GB", "counter",
+        )  # fmt: skip
+        for col in columns:
+            left = col in ("method", "model", "counter")
+            meas.add_column(col, justify="left" if left else "right")
         for r in report.measured:
             meas.add_row(
                 str(r["num_tasks"]),
+                r.get("method", s.method),
                 f"{r['model']} ({r['num_params']:,})",
                 str(r["zero_stage"]),
+                str(r.get("world_size", 1)),
                 r["precision"],
                 _gb(r["measured_peak_bytes"]),
                 _gb(r["predicted_peak_bytes"]),
                 f"{r['ratio']:.3f}",
+                _gb(r.get("paper_bytes")),
                 r["counter"],
             )
         console.print(meas)
+        paper = "(n+2)*S(theta)" if s.is_maml else "2*S(theta)"
+        console.print(
+            f"paper GB: the paper's {paper} for the model actually run, in the precision run",
+            highlight=False,
+        )
         notes = {r["note"] for r in report.measured if r.get("note")}
         for note in sorted(notes):
             console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -193,18 +200,25 @@ def memory(
         50_000_000
     ),
     vocab_size: Annotated[int | None, typer.Option(help="vocabulary of the tiny built-ins")] = None,
-    measure: Annotated[
-        bool, typer.Option("--measure", help="run real steps of a small model and compare")
+    do_measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure",
+            help="run real steps (MetaICL) or meta-updates (MAML) of a small model and compare",
+        ),
     ] = False,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="write the report as JSON")
     ] = None,
+    measure_tasks: Annotated[
+        str, typer.Option(help="with --measure: the n values to measure, comma-separated")
+    ] = "1,2,4,8",
     plot: Annotated[Path | None, typer.Option(help="PNG of memory vs number of tasks")] = None,
 ) -> None:
     """Per-GPU memory: the paper's formula and maml-ds's model (parameters, gradients, fp32
     master, shared moments, adapted copy, meta-gradient, activations)."""
-    from launcher.cli import fail
-    from maml_ds.memory import MemorySetup, measure_metaicl, memory_report
+    from launcher.errors import fail
+    from maml_ds.memory import MeasurementUnavailable, MemorySetup, measure, memory_report
 
     console = Console(width=None if Console().is_terminal else 140)
     try:
@@ -221,11 +235,14 @@ def memory(
             reduce_bucket_size=reduce_bucket_size,  # type: ignore[arg-type]
         ).validate()
         report = memory_report(model, setup, vocab_size=vocab_size)
-        if measure:
+        num_tasks = _parse_tasks(measure_tasks)
+        if do_measure:
             from maml_ds import distributed as D
 
             try:
-                report.measured = measure_metaicl(setup)
+                report.measured = measure(setup, num_tasks)
+            except MeasurementUnavailable as err:
+                report.measure_error = str(err)
             finally:
                 D.shutdown()
         if plot is not None:
@@ -239,3 +256,18 @@ def memory(
         console.print(f"wrote {json_out}")
     if plot is not None:
         console.print(f"wrote {plot}")
+    if report.measure_error is not None:
+        # The prediction above stands; the measurement was asked for and could not run.
+        raise fail(f"--measure did not run: {report.measure_error}")
+
+
+def _parse_tasks(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(
+            [f"--measure-tasks must be positive integers, e.g. 1,2,4,8; got {text!r}"]
+        )
+    return values

@@ -2,17 +2,19 @@
 """One prepared GPU check (a few minutes): step time and peak memory vs the memory model.
 
 Runs MetaICL, MAML-2-1 and MAML-2-4 on a random-init GPT-2 Medium config (seq 1024, micro-batch
-1, bf16 where the GPU has it, else fp16) for a few steps each, on ONE GPU through
-deepspeed.initialize, and records per-step wall time and torch.cuda.max_memory_allocated beside
-`maml_ds.memory`'s predicted per-GPU peak for the same setup. Writes JSON.
+1, bf16 where the GPU has it, else fp16; ZeRO-2: the engine refuses MAML at ZeRO-0 with 16-bit
+precision) for a few steps each, on ONE GPU through deepspeed.initialize, and records per-step
+wall time and torch.cuda.max_memory_allocated beside `maml_ds.memory`'s predicted per-GPU peak
+(and the paper's formula) for the same setup. Writes JSON, one row per method.
 
     python scripts/gpu_check.py --out gpu_check.json            # on a GPU machine
-    python scripts/gpu_check.py --model tiny --vocab-size 512 --seq-len 64 --out /tmp/c.json
-                                                                 # CPU smoke test (LiveTensorBytes)
+    python scripts/gpu_check.py --model tiny --vocab-size 512 --seq-len 64 --steps 2 \
+        --out /tmp/c.json                                        # CPU smoke test (LiveTensorBytes)
 
 The MAML rows go through maml_ds.engine.maml_step with random token batches fed in place of the
-prompt sampler; if the engine cannot run a configuration (or is missing), that row records the
-error and the others still run. The loss scores every token (maml_ds.memory.all_token_loss for
+prompt sampler (maml_ds.engine._local_batch is replaced for this process); what the engine
+refuses at start-up (maml_ds.engine.check_supported) or fails on is recorded in that row, and
+the other rows still run. The loss scores every token (maml_ds.memory.all_token_loss for
 MetaICL; all-ones scored masks for MAML), the memory model's assumption.
 """
 
@@ -37,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maml_ds import distributed as D  # noqa: E402
 from maml_ds.config import RunConfig, build_deepspeed_config  # noqa: E402
-from maml_ds.memory import MemorySetup, all_token_loss, memory_report  # noqa: E402
+from maml_ds.memory import (  # noqa: E402
+    MemorySetup,
+    all_token_loss,
+    engine_refusal,
+    memory_report,
+)
 
 MODEL_FOR_REPORT = {"random:gpt2-medium": "gpt2-medium", "random:gpt2": "gpt2"}
 
@@ -55,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="default: bf16 if supported, else fp16")
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     p.add_argument("--second-order", default="hvp-fd")
-    return p.parse_args()
+    return p.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
 
 
 class RandomTasks:
@@ -111,13 +118,22 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
         "method": method,
         "zero_stage": args.zero,
         "precision": precision,
+        "world_size": D.world_size(),
         "seq_len": args.seq_len,
         "micro_batch_size": 1,
         "attn": args.attn,
+        "second_order": setup.effective_second_order,
         "num_params": predicted.model.num_params,
         "predicted_peak_bytes": predicted.predicted_peak_bytes,
+        "predicted_peak_phase": predicted.peak_phase,
         "predicted_phase_bytes": predicted.phase_bytes,
+        "paper_formula": predicted.paper_formula,
+        "paper_bytes": predicted.paper_bytes,
     }
+    refusal = engine_refusal(setup)
+    if refusal is not None:
+        row["error"] = f"refused by maml_ds.engine at start-up: {refusal}"
+        return row
     gc.collect()
     counter = None
     if on_gpu:
@@ -129,6 +145,7 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
         base = 0
         counter = LiveTensorBytes().__enter__()
     try:
+        started = time.perf_counter()
         model = build_model(
             args.model,
             vocab_size=args.vocab_size,
@@ -162,6 +179,8 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
             def step() -> None:
                 maml_engine.maml_step(ctx)
 
+        sync(on_gpu)
+        row["setup_seconds"] = time.perf_counter() - started
         times = []
         for i in range(args.warmup + args.steps):
             if i == args.warmup:  # the peak of steady steps; initialisation transients excluded
@@ -176,6 +195,8 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated() - base) if on_gpu else counter.peak_bytes
+        if on_gpu:
+            row["max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
         row.update(
             step_seconds=times,
             median_step_seconds=statistics.median(times),
@@ -183,7 +204,7 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
             ratio=peak / predicted.predicted_peak_bytes,
             counter="torch.cuda.max_memory_allocated" if on_gpu else "LiveTensorBytes",
         )
-        engine = model = None  # free before the next method
+        engine = model = ctx = step = None  # free before the next method
     except Exception as err:  # one failing method must not lose the others' numbers
         row["error"] = f"{type(err).__name__}: {err}"
         row["traceback"] = traceback.format_exc()[-4000:]
@@ -227,6 +248,7 @@ def main() -> None:
                 "measured_peak_bytes",
                 "predicted_peak_bytes",
                 "ratio",
+                "paper_bytes",
                 "error",
             )
         }

@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds a CPU comm op at start-up; a cache shared with another checkout (other
+# include paths) would rebuild it at every process start (~25 s each). One cache per checkout.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 # Small enough for seconds-long runs, large enough for k=4 demonstrations per prompt.
 SMALL_SUITE = dict(

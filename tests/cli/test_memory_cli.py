@@ -54,8 +54,11 @@ def test_paper_setup_json(tmp_path):
     assert data["model_states_bytes"] == data["deepspeed_estimate_bytes"]
     assert data["deepspeed_estimate_bytes"] == 2 * p + 18 * p // 8
     r = {row["key"]: row["bytes"] for row in data["rows"]}
-    assert r["adapted_copy"] == 2 * p and r["hvp_vectors"] == 12 * p
-    assert r["meta_gradient_accumulator"] == 0
+    q = 4 * p // 8  # one fp32 partition per rank
+    assert r["adapted_copy"] == q and r["hvp_vectors"] == 4 * q
+    assert r["meta_gradient_accumulator"] == q  # the engine's sum over the n = 4 tasks
+    assert r["gather_backward"] == 2 * 4 * p  # fp32 gradients + their concatenation
+    assert data["peak_phase"] in ("loss forward", "loss backward end")
     assert [pt["num_tasks"] for pt in data["vs_num_tasks"]] == list(range(1, 9))
 
 
@@ -77,13 +80,28 @@ def test_metaicl_table():
         (["--method", "maml-2"], "unknown method 'maml-2'"),
         (["--zero", "5"], "--zero must be 0, 1, 2 or 3"),
         (["--seq-len", "4096"], "exceeds the model's 1024 positions"),
-        (["--method", "maml-2-4", "--measure"], "measuring MAML needs maml_ds.engine"),
+        (["--measure-tasks", "0,x"], "--measure-tasks must be positive integers"),
     ],
 )
 def test_errors(args, expected):
     result = runner.invoke(app, ["memory", *args])
     assert result.exit_code == 2
     assert expected in flat(result.output)
+
+
+def test_measure_what_the_engine_refuses(tmp_path):
+    """MAML at ZeRO-0 with bf16 is refused by maml_ds.engine.check_supported: the prediction is
+    printed, the measurement is reported as not run (exit 2), nothing is started."""
+    out = tmp_path / "m.json"
+    args = ["memory", "--method", "maml-2-1", "--zero", "0", "--precision", "bf16", "--measure"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert "predicted peak" in text  # the model's answer is still there
+    assert "--measure did not run" in text and "maml_ds.engine refuses this at start-up" in text
+    assert "--zero 1 or 2 for fp16/bf16" in text  # the engine's own reason
+    data = json.loads(out.read_text())
+    assert data["measured"] == [] and "refuses" in data["measure_error"]
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib (the `plot` extra) is not installed")
@@ -138,13 +156,15 @@ def test_measure_metaicl_matches_prediction(tmp_path):
         "--precision",
         "fp16",
         "--measure",
+        "--measure-tasks",
+        "1,8",
         "--json",
         str(out),
         timeout=300,
     )
     data = json.loads(out.read_text())
     measured = data["measured"]
-    assert [m["num_tasks"] for m in measured] == [1, 2, 4, 8]
+    assert [m["num_tasks"] for m in measured] == [1, 8]
     for m in measured:
         assert m["counter"] == "LiveTensorBytes" and m["precision"] == "bf16"
         assert m["zero_stage"] == 2
@@ -153,3 +173,28 @@ def test_measure_metaicl_matches_prediction(tmp_path):
     peaks = [m["measured_peak_bytes"] for m in measured]
     assert max(peaks) / min(peaks) < 1.05
     assert "measured with bf16" in flat(proc.stdout)
+
+
+def test_measure_maml_matches_prediction(tmp_path):
+    """Real meta-updates (setup + maml_ds.engine.maml_step, 1 CPU process, ZeRO-2, bf16,
+    hvp-fd) of the measure model for n = 1, 2 vs the model: 15%; memory flat in n."""
+    out = tmp_path / "m.json"
+    proc = maml_ds(
+        "memory", "--model", "gpt2-medium", "--method", "maml-2-4", "--zero", "2",
+        "--precision", "bf16", "--measure", "--measure-tasks", "1,2", "--json", str(out),
+        timeout=300,
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    measured = data["measured"]
+    assert [m["method"] for m in measured] == ["maml-2-1", "maml-2-2"]
+    for m in measured:
+        assert m["counter"] == "LiveTensorBytes" and m["precision"] == "bf16"
+        assert m["zero_stage"] == 2 and m["world_size"] == 1
+        assert abs(m["measured_peak_bytes"] / m["predicted_peak_bytes"] - 1) < 0.15, m
+    one, two = (m["measured_peak_bytes"] for m in measured)
+    p = measured[0]["num_params"]
+    # The paper's (n+2)*S(theta) grows by S per task; the engine adds one fp32 partition (its
+    # meta-gradient accumulator) from n = 2 on, then stays flat.
+    assert measured[1]["paper_bytes"] - measured[0]["paper_bytes"] == 2 * p
+    assert 0 <= two - one <= 1.05 * 4 * p
+    assert "(n+2)*S(theta)" in flat(proc.stdout)
