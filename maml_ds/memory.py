@@ -1198,22 +1198,11 @@ def measure_fixture(root: Path, seed: int = 0) -> MeasureFixture:
     (what `maml_ds.train.setup` reads; nothing is downloaded). Under a second."""
     from transformers import GPT2LMHeadModel
 
-    from maml_ds.data.synth import write_synthetic_suite
+    from maml_ds.data.synth import SMALL_SUITE, write_synthetic_suite
     from maml_ds.models import iter_data_texts, train_bpe_tokenizer
 
     data, tok, model = root / "data", root / "tokenizer", root / "model"
-    write_synthetic_suite(
-        data,
-        seed=seed,
-        num_train_tasks=6,
-        train_examples_per_task=48,
-        test_examples_per_task=4,
-        test_pool_examples_per_task=64,
-        num_content_words=64,
-        num_unseen_domain_words=48,
-        num_label_words=24,
-        num_heldout_label_words=12,
-    )
+    write_synthetic_suite(data, seed=seed, **{**SMALL_SUITE, "test_examples_per_task": 4})
     train_bpe_tokenizer(iter_data_texts(data), vocab_size=512).save_pretrained(tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

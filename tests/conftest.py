@@ -20,22 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 # include paths) would rebuild it at every process start (~25 s each). One cache per checkout.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
-# Small enough for seconds-long runs, large enough for k=4 demonstrations per prompt.
-SMALL_SUITE = dict(
-    num_train_tasks=6,
-    train_examples_per_task=48,
-    test_examples_per_task=16,
-    test_pool_examples_per_task=64,
-    num_content_words=64,
-    num_unseen_domain_words=48,
-    num_label_words=24,
-    num_heldout_label_words=12,
-)
-
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from maml_ds.data.synth import write_synthetic_suite
+    from maml_ds.data.synth import SMALL_SUITE, write_synthetic_suite
 
     out = tmp_path_factory.mktemp("synth")
     write_synthetic_suite(out, seed=0, **SMALL_SUITE)

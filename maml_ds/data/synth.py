@@ -53,6 +53,18 @@ from maml_ds.data.reader import (
 )
 
 MANIFEST_NAME = "synthetic_suite.json"
+SMALL_SUITE: dict[str, int] = {
+    "num_train_tasks": 6,
+    "train_examples_per_task": 48,
+    "test_examples_per_task": 16,
+    "test_pool_examples_per_task": 64,
+    "num_content_words": 64,
+    "num_unseen_domain_words": 48,
+    "num_label_words": 24,
+    "num_heldout_label_words": 12,
+}
+"""Sizes of a suite small enough for seconds-long runs and k = 4 demonstrations per prompt
+(the test fixtures and the memory report's measurement use it)."""
 SEP = "[SEP]"
 
 FAMILIES = ("keyword", "topic", "attribute", "nli", "paraphrase", "qa")
