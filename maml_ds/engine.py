@@ -17,10 +17,10 @@ live and how ranks cooperate:
   rank, its partition of the exact same meta-gradient that a single process would, with
   task-synchronous data parallelism (all ranks on one task, its batches split across ranks).
   Norms for the finite-difference step are all-reduced (`norm_fn`).
-* **Through DeepSpeed's own backward.** The meta-gradient (all ranks hold the same, gathered) is
-  fed by ``engine.backward(sum(p * g_p) / n)`` once per task, with the accumulation boundary on
-  the last task, then ``engine.step()``: rank averaging, ZeRO partitioning, clipping and loss
-  scaling apply; memory stays flat in n (tasks one after another).
+* **Through DeepSpeed's own backward.** Tasks run one after another (memory flat in n); their
+  meta-gradients are summed in this rank's partition. The task mean, gathered (all ranks hold
+  the same), is fed once per meta-update by ``engine.backward(sum(p * g_p))`` and
+  ``engine.step()``: rank averaging, ZeRO partitioning, clipping and loss scaling apply.
 
 ZeRO-3: the partition is each parameter's shard (the optimizer's fp32 sub-group flats). Its
 module hooks re-partition parameters inside autograd and `functional_call` on the engine's module
