@@ -409,13 +409,13 @@ def maml_step(ctx) -> Any:
     spec = cfg.method_spec
     k, n = spec.num_inner_steps, spec.num_tasks
     mode = "first-order" if spec.first_order else cfg.meta.second_order
-    layout = getattr(ctx, "layout", None)
-    if layout is None:
-        layout = ctx.layout = PartitionLayout(engine, cfg.deepspeed.zero_stage)
+    if ctx.layout is None:
+        ctx.layout = PartitionLayout(engine, cfg.deepspeed.zero_stage)
+    layout = ctx.layout
     loss_fn = make_loss_fn(layout)
     global_batch = cfg.deepspeed.micro_batch_size * D.world_size()
     snapshot = layout.snapshot_moments()
-    params = [p for p in engine.module.parameters() if p.requires_grad]
+    params = {name: p for name, p in layout.param_by_name.items() if p.requires_grad}
     support_loss = query_loss = 0.0
     accumulated: dict[str, Tensor] | None = None  # sum over tasks, this rank's partition
     for _ in range(n):
@@ -457,10 +457,9 @@ def maml_step(ctx) -> Any:
         grads = {name: torch.zeros_like(g) for name, g in grads.items()}
         for group in engine.optimizer.param_groups:
             group["lr"] = 0.0
-    names = {id(p): name for name, p in engine.module.named_parameters()}
     # ZeRO-3: the surrogate and its backward must see full parameters (deepspeed-notes.md).
-    with deepspeed.zero.GatheredParameters(params, enabled=layout.stage == 3):
-        surrogate = sum((p * grads[names[id(p)]]).sum() for p in params)
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=layout.stage == 3):
+        surrogate = sum((p * grads[name]).sum() for name, p in params.items())
         engine.backward(surrogate)
     del grads, surrogate
     engine.step()

@@ -74,7 +74,8 @@ class TrainContext:
     sampler: Any
     state: TrainState
     out_dir: Path
-    dtype: torch.dtype
+    layout: Any = None
+    """MAML only: the engine's PartitionLayout, built at the first meta-update."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,10 +241,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
         from maml_ds.engine import build_task_sampler
 
         sampler = build_task_sampler(cfg, tasks)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        cfg.deepspeed.precision
-    ]
-    ctx = TrainContext(cfg, engine, tokenizer, fmt, sampler, TrainState(), out_dir, dtype)
+    ctx = TrainContext(cfg, engine, tokenizer, fmt, sampler, TrainState(), out_dir)
     if resume:
         client = checkpoint.load(engine, ckpt_dir)
         ctx.state = TrainState(**client["train_state"])
