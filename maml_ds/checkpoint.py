@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +92,3 @@ def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Any]
     if states:
         set_rng_state(states[min(D.rank(), len(states) - 1)])
     return client
-
-
-def prune(ckpt_dir: str | Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
-    if keep <= 0 or not D.is_main():
-        return
-    ckpt_dir = Path(ckpt_dir)
-    current = latest_tag(ckpt_dir)
-    tags = sorted(
-        (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
-        key=lambda p: int(p.name.removeprefix("step")),
-    )
-    for path in tags[:-keep]:
-        if path.name != current:
-            shutil.rmtree(path, ignore_errors=True)
