@@ -1,9 +1,9 @@
 """MAML-en-LLM through the DeepSpeed engine vs MetaICL: time per batch, where it goes, memory vs n.
 
-One run, one config: a model trained by `maml_ds.train.setup` on a synthetic suite (prompts of
+One run, one config: a model trained by `maml_ds.training.loop.setup` on a synthetic suite (prompts of
 exactly --seq-len tokens), DeepSpeed at --zero / --precision, buckets of 2e5 elements, this
 process's ranks. Four parts, all through `setup` + the real step functions (`metaicl_step`,
-`maml_ds.engine.maml_step`):
+`maml_ds.training.maml.maml_step`):
 
 1. **Speed.** MetaICL, MAML-2-1 and MAML-2-4 (hvp-fd one-sided and first-order), one engine each,
    warmed up, then --repeats rounds with the methods interleaved (order rotated each round).
@@ -13,7 +13,7 @@ process's ranks. Four parts, all through `setup` + the real step functions (`met
 2. **Split.** One more update per method with timers around the engine's pieces (wrapped in this
    process only; exclusive times) and, with --profile, torch.profiler's top ops.
 3. **Memory.** For n in --memory-tasks: this rank's peak of one meta-update after a warm-up
-   (`maml_ds.memory.measure_update_peak`: LiveTensorBytes on CPU), the largest over ranks,
+   (`maml_ds.memory.model.measure_update_peak`: LiveTensorBytes on CPU), the largest over ranks,
    beside the memory model's prediction and the paper's (n+2)*S(theta).
 4. Targets (reported, not asserted): second order <= 1.6x MetaICL per batch, first order
    <= 1.05x, memory flat in n.
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maml_ds import distributed as D  # noqa: E402
 from maml_ds.config import RunConfig  # noqa: E402
-from maml_ds.memory import (  # noqa: E402
+from maml_ds.memory.model import (  # noqa: E402
     MEASURE_BUCKET,
     MEASURE_MODEL,
     MemorySetup,
@@ -176,9 +176,9 @@ class Split:
 
 
 def install_split(split: Split) -> None:
-    import maml_ds.engine as E
     import maml_ds.meta.gradient as G
-    import maml_ds.train as T
+    import maml_ds.training.loop as T
+    import maml_ds.training.maml as E
 
     def gather_label(a, k):
         return "gather params (fwd)" if k.get("differentiable", True) else "gather meta-grad"
@@ -226,7 +226,7 @@ def install_split_gather() -> None:
     backward of one split is one concatenation (P). Same values, same autograd semantics."""
     import math
 
-    import maml_ds.engine as E
+    import maml_ds.training.maml as E
 
     original = E.PartitionLayout.gather
 
@@ -272,7 +272,7 @@ def install_fast_norm() -> None:
     vector_norm per tensor (cascade summation), squared and summed in float64, all-reduced."""
     import math
 
-    import maml_ds.engine as E
+    import maml_ds.training.maml as E
 
     def global_norm(self, tensors):
         sq = sum(float(torch.linalg.vector_norm(t.detach())) ** 2 for t in tensors.values())
@@ -311,7 +311,7 @@ def timed_update(step, ctx) -> tuple[float, float]:
 
 
 def speed(methods, contexts, args) -> dict[str, Any]:
-    from maml_ds.train import step_function
+    from maml_ds.training.loop import step_function
 
     steps = {m: step_function(contexts[m]) for m in methods}
     for _ in range(args.warmup):
@@ -337,7 +337,7 @@ def speed(methods, contexts, args) -> dict[str, Any]:
 
 
 def split_times(methods, contexts, split: Split) -> dict[str, dict[str, float]]:
-    from maml_ds.train import step_function
+    from maml_ds.training.loop import step_function
 
     out = {}
     for m in methods:
@@ -363,7 +363,7 @@ def split_times(methods, contexts, split: Split) -> dict[str, dict[str, float]]:
 def profile_ops(methods, contexts, top: int = 12) -> dict[str, list[tuple[str, float, int]]]:
     from torch.profiler import ProfilerActivity, profile
 
-    from maml_ds.train import step_function
+    from maml_ds.training.loop import step_function
 
     out = {}
     for m in methods:
@@ -513,7 +513,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "metaicl" not in methods:
         methods.insert(0, "metaicl")
-    from maml_ds.train import setup
+    from maml_ds.training.loop import setup
 
     contexts = {}
     for m in methods:

@@ -30,7 +30,7 @@ from maml_ds.data.prompts import PromptFormat
 from maml_ds.data.reader import TEST_SEEDS, load_target_examples
 from maml_ds.data.synth import write_synthetic_suite
 from maml_ds.data.tasks import load_setting
-from maml_ds.evaluate import ScoringStats, argmin_first, score_examples
+from maml_ds.eval.run import ScoringStats, argmin_first, score_examples
 from maml_ds.models import build_model, iter_data_texts, train_bpe_tokenizer
 
 

@@ -239,7 +239,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model with the MetaICL protocol: avg/worst over seeds, JSON + tables."""
     from maml_ds.data.tasks import DataError
-    from maml_ds.evaluate import EvalOptions, default_label, evaluate
+    from maml_ds.eval.run import EvalOptions, default_label, evaluate
 
     try:
         options = EvalOptions(
@@ -312,9 +312,9 @@ def adapt_command(
     device: DeviceOpt = None,
 ) -> None:
     """Very few-shot adaptation (paper 5.4) on each unseen-domain task, then evaluation."""
-    from maml_ds.adapt import AdaptOptions, run_adaptation
     from maml_ds.data.tasks import DataError
-    from maml_ds.evaluate import EvalOptions, default_label
+    from maml_ds.eval.adapt import AdaptOptions, run_adaptation
+    from maml_ds.eval.run import EvalOptions, default_label
 
     try:
         adapt_options = AdaptOptions(lr=lr, steps=steps)
@@ -379,8 +379,8 @@ def compare_command(
     import json
 
     from maml_ds.data.tasks import DataError
-    from maml_ds.evaluate import iter_result_files, paper_order, read_result
-    from maml_ds.metrics import win_rate
+    from maml_ds.eval.metrics import win_rate
+    from maml_ds.eval.run import iter_result_files, paper_order, read_result
 
     try:
         summaries = [read_result(p) for p in iter_result_files(results)]

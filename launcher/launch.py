@@ -113,12 +113,12 @@ def apply_train_options(cfg: RunConfig, options: list[str]) -> RunConfig:
     """Parse the `maml-ds train` options given after `--` and apply them to cfg.
 
     They are parsed by the train command itself (so typos fail here, before any rank starts)
-    and applied with the same function train uses (`launcher.cli.build_run_config`), so
+    and applied with the same function train uses (`launcher.train_cmd.build_run_config`), so
     RUN/config.json and RUN/ds_config.json describe exactly what the ranks will run.
     """
     if not options:
         return cfg
-    from launcher import cli
+    from launcher import cli, train_cmd
 
     command = typer.main.get_command(cli.app).commands["train"]  # type: ignore[attr-defined]
     try:
@@ -144,13 +144,13 @@ def apply_train_options(cfg: RunConfig, options: list[str]) -> RunConfig:
         raise ConfigError(["train options after `--`: give --lr or --outer-lr, not both"])
     params["lr"] = lr if lr is not None else outer_lr
     params["shared_moments"] = False if params.pop("no_shared_moments", False) else None
-    accepted = inspect.signature(cli.build_run_config).parameters
+    accepted = inspect.signature(train_cmd.build_run_config).parameters
     kwargs = {name: params.get(name) for name in accepted}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_FILE
         cfg.save(path)
         kwargs["config"] = path
-        return cli.build_run_config(**kwargs)
+        return train_cmd.build_run_config(**kwargs)
 
 
 def _absolute_paths(cfg: RunConfig) -> None:
@@ -323,7 +323,7 @@ def write_run_folder(plan: LaunchPlan) -> None:
 
 def check_before_run(plan: LaunchPlan, train_options: list[str]) -> None:
     """Problems a real launch would only meet in every rank: catch them once, here."""
-    from maml_ds.checkpoint import latest_tag
+    from maml_ds.training.checkpoint import latest_tag
 
     problems = []
     if latest_tag(plan.run_dir / "checkpoints") is not None and "--resume" not in train_options:
@@ -343,7 +343,7 @@ def check_before_run(plan: LaunchPlan, train_options: list[str]) -> None:
 
 def memory_note(plan: LaunchPlan) -> str | None:
     """One line: the memory model's per-GPU peak for this run, and a warning if it does not fit."""
-    from maml_ds.memory import GB, MemorySetup, memory_report
+    from maml_ds.memory.model import GB, MemorySetup, memory_report
 
     cfg = plan.config
     if cfg.meta.second_order not in ("hvp-fd", "first-order") and cfg.method_spec.kind == "maml":
@@ -444,7 +444,7 @@ def launch(
     Example: maml-ds launch --nodes 2 --gpus 8 --hostfile hostfiles/v100-2x8 --method maml-2-4
     --preset v100-32gb -- --data data/metaicl --setting hr_to_lr --max-steps 30000
     """
-    from launcher.cli import fail
+    from launcher.errors import fail
 
     console = Console(stderr=True)
     options = list(train_options or [])

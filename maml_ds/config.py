@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from maml_ds.meta.gradient import FdMode, SecondOrder
+from maml_ds.meta.optim import OptimizerName
+
 Precision = Literal["fp32", "fp16", "bf16"]
 Variant = Literal["direct", "channel"]
-SecondOrder = Literal["exact", "hvp", "hvp-fd", "first-order"]
-OptimizerName = Literal["sgd", "adamw"]
-FdMode = Literal["one-sided", "central"]
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,36 @@ def parse_method(text: str) -> MethodSpec:
         num_tasks=n,
         first_order=match.group(1) == "fomaml",
     )
+
+
+def engine_problems(
+    spec: MethodSpec, zero_stage: int, precision: str, second_order: str
+) -> list[str]:
+    """What the training engine cannot run: the one place these rules live.
+
+    Used by :meth:`RunConfig.problems`, the memory model and ``launch``.
+    """
+    if spec.kind != "maml":
+        return []
+    out: list[str] = []
+    if zero_stage == 3 and not spec.first_order and second_order in ("exact", "hvp"):
+        out.append(
+            f"--second-order {second_order} needs double backward, which ZeRO-3 "
+            "cannot do (its hooks re-partition parameters); use --second-order hvp-fd "
+            "(finite-difference HVPs, the default) or --zero 0/1/2"
+        )
+    if precision == "fp16" and not spec.first_order and second_order != "hvp-fd":
+        out.append(
+            f"--second-order {second_order} with --precision fp16 is not supported: "
+            "double backward through loss-scaled fp16 overflows; use hvp-fd"
+        )
+    if zero_stage == 0 and precision != "fp32":
+        out.append(
+            f"--zero 0 with --precision {precision}: DeepSpeed wraps the client "
+            "optimizer in its own mixed-precision optimizer there (and steps it once at "
+            "start-up); use --zero 1 or 2 for fp16/bf16"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,17 +303,8 @@ class RunConfig:
                     "--gradient-accumulation-steps applies to --method metaicl only; a MAML "
                     "meta-update already accumulates its n tasks (use n in maml-2k-n)"
                 )
-            if ds.zero_stage == 3 and not spec.first_order and m.second_order in ("exact", "hvp"):
-                out.append(
-                    f"--second-order {m.second_order} needs double backward, which ZeRO-3 "
-                    "cannot do (its hooks re-partition parameters); use --second-order hvp-fd "
-                    "(finite-difference HVPs, the default) or --zero 0/1/2"
-                )
-            if ds.precision == "fp16" and not spec.first_order and m.second_order != "hvp-fd":
-                out.append(
-                    f"--second-order {m.second_order} with --precision fp16 is not supported: "
-                    "double backward through loss-scaled fp16 overflows; use hvp-fd"
-                )
+        if spec is not None:
+            out.extend(engine_problems(spec, ds.zero_stage, ds.precision, m.second_order))
         return out
 
     def validate(self) -> RunConfig:

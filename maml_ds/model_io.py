@@ -183,8 +183,8 @@ def load_model(
     `tokenizer` overrides the tokenizer found with the model. `device`: default CUDA when
     available, else CPU.
     """
-    from maml_ds import checkpoint
     from maml_ds.models import build_model, builtin_arch, load_tokenizer
+    from maml_ds.training import checkpoint
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(spec)

@@ -4,17 +4,17 @@
 Runs MetaICL, MAML-2-1 and MAML-2-4 on a random-init GPT-2 Medium config (seq 1024, micro-batch
 1, bf16 where the GPU has it, else fp16; ZeRO-2: the engine refuses MAML at ZeRO-0 with 16-bit
 precision) for a few steps each, on ONE GPU through deepspeed.initialize, and records per-step
-wall time and torch.cuda.max_memory_allocated beside `maml_ds.memory`'s predicted per-GPU peak
+wall time and torch.cuda.max_memory_allocated beside `maml_ds.memory.model`'s predicted per-GPU peak
 (and the paper's formula) for the same setup. Writes JSON, one row per method.
 
     python scripts/gpu_check.py --out gpu_check.json            # on a GPU machine
     python scripts/gpu_check.py --model tiny --vocab-size 512 --seq-len 64 --steps 2 \
         --out /tmp/c.json                                        # CPU smoke test (LiveTensorBytes)
 
-The MAML rows go through maml_ds.engine.maml_step with random token batches fed in place of the
-prompt sampler (maml_ds.engine._local_batch is replaced for this process); what the engine
-refuses at start-up (maml_ds.engine.check_supported) or fails on is recorded in that row, and
-the other rows still run. The loss scores every token (maml_ds.memory.all_token_loss for
+The MAML rows go through maml_ds.training.maml.maml_step with random token batches fed in place of the
+prompt sampler (maml_ds.training.maml._local_batch is replaced for this process); what the engine
+refuses at start-up (maml_ds.config.engine_problems) or fails on is recorded in that row, and
+the other rows still run. The loss scores every token (maml_ds.memory.model.all_token_loss for
 MetaICL; all-ones scored masks for MAML), the memory model's assumption.
 """
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maml_ds import distributed as D  # noqa: E402
 from maml_ds.config import RunConfig, build_deepspeed_config  # noqa: E402
-from maml_ds.memory import (  # noqa: E402
+from maml_ds.memory.model import (  # noqa: E402
     MemorySetup,
     all_token_loss,
     engine_refusal,
@@ -92,7 +92,7 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
     import deepspeed
 
     from maml_ds.models import build_model
-    from maml_ds.train import build_optimizer
+    from maml_ds.training.loop import build_optimizer
 
     cfg = RunConfig(method=method, max_steps=args.warmup + args.steps, out_dir="/tmp/gpu_check")
     cfg.model.name, cfg.model.attn_implementation = args.model, args.attn
@@ -132,7 +132,7 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
     }
     refusal = engine_refusal(setup)
     if refusal is not None:
-        row["error"] = f"refused by maml_ds.engine at start-up: {refusal}"
+        row["error"] = f"refused by maml_ds.training.maml at start-up: {refusal}"
         return row
     gc.collect()
     counter = None
@@ -140,7 +140,7 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
     else:
-        from maml_ds.meta.memory import LiveTensorBytes
+        from maml_ds.meta.live_bytes import LiveTensorBytes
 
         base = 0
         counter = LiveTensorBytes().__enter__()
@@ -171,7 +171,7 @@ def run_method(method: str, args: argparse.Namespace, precision: str, on_gpu: bo
                 engine.backward(loss)
                 engine.step()
         else:
-            import maml_ds.engine as maml_engine
+            import maml_ds.training.maml as maml_engine
 
             maml_engine._local_batch = lambda ctx, _: random_batch(vocab, args.seq_len, 1, device)
             ctx = SimpleNamespace(cfg=cfg, engine=engine, sampler=RandomTasks(), layout=None)

@@ -29,7 +29,7 @@ from maml_ds.meta.gradient import (
     reverse_step,
     support_gradient,
 )
-from maml_ds.meta.memory import LiveTensorBytes
+from maml_ds.meta.live_bytes import LiveTensorBytes
 from maml_ds.meta.optim import (
     AdamWMoments,
     SharedMomentAdamW,

@@ -96,7 +96,7 @@ def test_dry_run_v100_maml(tmp_path):
 
 def test_train_config_reads_the_written_config(tmp_path):
     """`maml-ds train --config RUN/config.json` resolves to the same RunConfig launch wrote."""
-    from launcher.cli import build_run_config
+    from launcher.train_cmd import build_run_config
 
     _, run = dry_run(tmp_path, "--method", "fomaml-2-1", "--gpus", "2", "--", "--max-steps", "7")
     written = RunConfig.load(run / "config.json")

@@ -90,7 +90,7 @@ def test_errors(args, expected):
 
 
 def test_measure_what_the_engine_refuses(tmp_path):
-    """MAML at ZeRO-0 with bf16 is refused by maml_ds.engine.check_supported: the prediction is
+    """MAML at ZeRO-0 with bf16 is refused by maml_ds.config.engine_problems: the prediction is
     printed, the measurement is reported as not run (exit 2), nothing is started."""
     out = tmp_path / "m.json"
     args = ["memory", "--method", "maml-2-1", "--zero", "0", "--precision", "bf16", "--measure"]
@@ -98,7 +98,9 @@ def test_measure_what_the_engine_refuses(tmp_path):
     assert result.exit_code == 2, result.output
     text = flat(result.output)
     assert "predicted peak" in text  # the model's answer is still there
-    assert "--measure did not run" in text and "maml_ds.engine refuses this at start-up" in text
+    assert (
+        "--measure did not run" in text and "maml_ds.training.maml refuses this at start-up" in text
+    )
     assert "--zero 1 or 2 for fp16/bf16" in text  # the engine's own reason
     data = json.loads(out.read_text())
     assert data["measured"] == [] and "refuses" in data["measure_error"]
@@ -176,7 +178,7 @@ def test_measure_metaicl_matches_prediction(tmp_path):
 
 
 def test_measure_maml_matches_prediction(tmp_path):
-    """Real meta-updates (setup + maml_ds.engine.maml_step, 1 CPU process, ZeRO-2, bf16,
+    """Real meta-updates (setup + maml_ds.training.maml.maml_step, 1 CPU process, ZeRO-2, bf16,
     hvp-fd) of the measure model for n = 1, 2 vs the model: 15%; memory flat in n."""
     out = tmp_path / "m.json"
     proc = maml_ds(

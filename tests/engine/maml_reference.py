@@ -15,7 +15,7 @@ from maml_ds.data.sampler import TaskSampler
 from maml_ds.losses import scored_loss_sum
 from maml_ds.meta import SharedMomentAdamW, meta_gradient
 from maml_ds.models import build_model, load_tokenizer
-from maml_ds.train import load_training_tasks
+from maml_ds.training.loop import load_training_tasks
 
 
 def reference_update(cfg: RunConfig, world_size: int) -> dict[str, dict[str, torch.Tensor]]:

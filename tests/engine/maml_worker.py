@@ -15,9 +15,9 @@ import torch
 
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig
-from maml_ds.engine import maml_step
 from maml_ds.meta import LiveTensorBytes
-from maml_ds.train import fit, setup
+from maml_ds.training.loop import fit, setup
+from maml_ds.training.maml import maml_step
 
 CASE_DEFAULTS = {
     "zero": "0", "mode": "hvp-fd", "inner": "adamw", "outer": "adamw", "shared": "1",
@@ -73,7 +73,7 @@ def case_config(data: str, tokenizer: str, out: Path, micro: int, case: str) -> 
 
 def poison_second_task() -> None:
     """Make the second task's meta-gradient NaN on every rank (the skip path)."""
-    import maml_ds.engine as engine_module
+    import maml_ds.training.maml as engine_module
 
     original, calls = engine_module.meta_gradient, []
 

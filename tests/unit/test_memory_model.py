@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maml_ds.config import ConfigError
-from maml_ds.memory import (
+from maml_ds.memory.model import (
     COMPONENTS,
     GB,
     MemorySetup,
@@ -99,7 +99,7 @@ def test_no_deepspeed_estimate_where_it_has_none(medium):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_maml_rows(medium, stage):
-    """The rows of maml_ds.engine's meta-update (docs/memory.md), sizes per rank."""
+    """The rows of maml_ds.training.maml's meta-update (docs/memory.md), sizes per rank."""
     p, w = medium.num_params, 8
     kw = dict(zero_stage=stage, precision="fp16", gpus_per_node=w)
     metaicl = build_report(medium, MemorySetup(method="metaicl", **kw))
@@ -222,7 +222,7 @@ MEASURED_CPU = {
 
 @pytest.mark.parametrize("case", sorted(MEASURED_CPU))
 def test_model_reproduces_cpu_measurements(case):
-    from maml_ds.memory import MEASURE_BUCKET, MEASURE_MODEL
+    from maml_ds.memory.model import MEASURE_BUCKET, MEASURE_MODEL
 
     method, stage, precision, world = case
     facts = model_facts(MEASURE_MODEL)
@@ -305,8 +305,8 @@ def test_errors(medium, tmp_path):
 
 def test_activation_count_matches_a_real_forward():
     """The meta-device count equals the bytes a real CPU forward keeps alive for backward."""
-    from maml_ds.memory import all_token_loss
-    from maml_ds.meta.memory import LiveTensorBytes
+    from maml_ds.memory.model import all_token_loss
+    from maml_ds.meta.live_bytes import LiveTensorBytes
 
     config = load_model_config("tiny", vocab_size=512)
     config._attn_implementation = "eager"

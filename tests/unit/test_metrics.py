@@ -9,7 +9,7 @@ import pytest
 
 from maml_ds.config import DataConfig, RunConfig
 from maml_ds.data.tasks import load_setting, load_task_config
-from maml_ds.metrics import accuracy, aggregate_seeds, is_win, macro_f1, task_score, win_rate
+from maml_ds.eval.metrics import accuracy, aggregate_seeds, is_win, macro_f1, task_score, win_rate
 
 # ---------------------------------------------------------------------------------------------
 # macro-F1 / accuracy
@@ -142,7 +142,7 @@ def _is_subsequence(short, long) -> bool:
 
 
 def test_train_fraction_keeps_label_proportions_and_is_deterministic(synth_dir):
-    from maml_ds.train import load_training_tasks
+    from maml_ds.training.loop import load_training_tasks
 
     full = load_training_tasks(_cfg(synth_dir, 1.0))
     limited = load_training_tasks(_cfg(synth_dir, 0.1))

@@ -13,7 +13,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from maml_ds.adapt import AdaptOptions, adapt_model, adaptation_prompts, run_adaptation
 from maml_ds.data.prompts import (
     PromptFormat,
     build_option_prompts,
@@ -25,7 +24,8 @@ from maml_ds.data.prompts import (
 )
 from maml_ds.data.reader import Example, load_examples, load_target_examples
 from maml_ds.data.tasks import load_setting, load_task_config
-from maml_ds.evaluate import (
+from maml_ds.eval.adapt import AdaptOptions, adapt_model, adaptation_prompts, run_adaptation
+from maml_ds.eval.run import (
     EvalOptions,
     ScoringStats,
     argmin_first,

@@ -37,7 +37,7 @@ from maml_ds.data.prompts import (
 )
 from maml_ds.data.reader import Example, load_examples
 from maml_ds.data.tasks import DataError, Setting, load_setting
-from maml_ds.evaluate import EvalOptions, EvalResult, evaluate, target_tasks
+from maml_ds.eval.run import EvalOptions, EvalResult, evaluate, target_tasks
 
 __all__ = [
     "AdaptOptions",
@@ -269,7 +269,7 @@ def run_adaptation(
     The adaptation points of (task, seed) are the seed's `{task}_{k}_{seed}_train.jsonl`.
     `keep_dir`: adapted weights are saved to `keep_dir/{task}/seed{seed}/` (not kept otherwise).
     """
-    from maml_ds.evaluate import _safe_name
+    from maml_ds.eval.run import _safe_name
 
     data_dir = Path(data_dir)
     setting_obj = setting if isinstance(setting, Setting) else load_setting(setting, data_dir)

@@ -50,7 +50,7 @@ from maml_ds.data.prompts import (
 )
 from maml_ds.data.reader import TEST_SEEDS, Example, load_target_examples, task_file
 from maml_ds.data.tasks import DataError, Setting, TaskConfig, load_setting, load_task_config
-from maml_ds.metrics import SeedAggregate, aggregate_seeds, task_score
+from maml_ds.eval.metrics import SeedAggregate, aggregate_seeds, task_score
 
 __all__ = [
     "EVAL_VERSION",

@@ -5,7 +5,7 @@ MetaICL peaks at 2*S(theta) (parameters + gradients); MAML at (k+2)*S(theta), wi
 copies, one per task (the paper's k is the number of tasks, n in maml-2k-n).
 
 maml-ds processes the n tasks one after another and sums their meta-gradients in one fp32
-partition per rank (maml_ds.engine), so nothing grows with n beyond that sum (present from
+partition per rank (maml_ds.training.maml), so nothing grows with n beyond that sum (present from
 n = 2 on). What one rank holds is the list `COMPONENTS` below: each row says how many bytes it
 takes, in which phases it is alive (one or several, `PHASES`) and whether DeepSpeed's own
 estimator counts it. The predicted per-rank peak is
@@ -22,7 +22,7 @@ Everything here is arithmetic on a `ModelFacts` (parameter counts read from the 
 on the meta device: nothing is allocated or downloaded) except `count_activation_bytes`, which
 runs one forward on the meta device to count what autograd saves, and the `measure*` functions,
 which run real MetaICL steps (`measure_metaicl`) or real meta-updates through
-`maml_ds.train.setup` + `maml_ds.engine.maml_step` (`measure_maml`, `measure_update_peak`).
+`maml_ds.training.loop.setup` + `maml_ds.training.maml.maml_step` (`measure_maml`, `measure_update_peak`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from typing import Any, Literal
 
 import torch
 
-from maml_ds.config import ConfigError, MethodSpec, Precision, RunConfig, parse_method
+from maml_ds.config import (
+    ConfigError,
+    MethodSpec,
+    Precision,
+    RunConfig,
+    engine_problems,
+    parse_method,
+)
 
 GB = 1e9
 """Reports use decimal gigabytes, as the paper (GPT-2 Medium: S(theta) = 1.42 GB in fp32)."""
@@ -77,7 +84,7 @@ PHASES: tuple[Phase, ...] = (
     "optimizer step",
 )
 """When tensors are alive. MetaICL: persistent, forward/backward, all-reduce, optimizer step.
-A MAML meta-update (maml_ds.engine.maml_step) has, per task, loss evaluations (support, query,
+A MAML meta-update (maml_ds.training.maml.maml_step) has, per task, loss evaluations (support, query,
 finite-difference passes; one at a time), each of which gathers the full parameters ("loss
 gather"), runs the forward with its activations ("loss forward") and ends its backward with the
 gradients of the gather ("loss backward end"); then the inner steps' moments are written back
@@ -240,7 +247,7 @@ def _per_param(
     return size
 
 
-# ---- sizes of the engine's vectors (maml_ds.engine, ZeRO 0-2; ZeRO-3 by the same code paths)
+# ---- sizes of the engine's vectors (maml_ds.training.maml, ZeRO 0-2; ZeRO-3 by the same code paths)
 
 
 def _partition(facts: ModelFacts, setup: MemorySetup) -> float:
@@ -890,22 +897,11 @@ def with_num_tasks(setup: MemorySetup, num_tasks: int) -> MemorySetup:
 
 
 def engine_refusal(setup: MemorySetup) -> str | None:
-    """maml_ds.engine's start-up error for this MAML setup (e.g. a ZeRO stage it refuses)."""
-    if not setup.is_maml:
-        return None
-    try:
-        from maml_ds.engine import check_supported
-    except ImportError as err:  # the engine is optional for the arithmetic
-        return f"maml_ds.engine cannot be imported: {err}"
-    cfg = RunConfig(method=setup.method)
-    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = setup.zero_stage, setup.precision
-    cfg.meta.second_order = setup.second_order  # type: ignore[assignment]
-    try:
-        cfg.validate()
-        check_supported(cfg)
-    except ConfigError as err:
-        return "; ".join(err.problems)
-    return None
+    """The training engine's start-up error for this setup, if any (config.engine_problems)."""
+    problems = engine_problems(
+        setup.method_spec, setup.zero_stage, setup.precision, setup.second_order
+    )
+    return "; ".join(problems) if problems else None
 
 
 def build_report(facts: ModelFacts, setup: MemorySetup, *, max_tasks: int = 8) -> MemoryReport:
@@ -938,10 +934,10 @@ def build_report(facts: ModelFacts, setup: MemorySetup, *, max_tasks: int = 8) -
     notes = []
     refusal = engine_refusal(setup)
     if refusal is not None:
-        notes.append(f"maml_ds.engine refuses this setup at start-up: {refusal}")
+        notes.append(f"maml_ds.training.maml refuses this setup at start-up: {refusal}")
     if spec.kind == "maml":
         notes.append(
-            "MAML rows: maml_ds.engine as measured on CPU at ZeRO 0-3, 1 and 2 ranks "
+            "MAML rows: maml_ds.training.maml as measured on CPU at ZeRO 0-3, 1 and 2 ranks "
             "(docs/memory.md); AdamW inner steps, one-sided finite differences"
         )
     if setup.attn_implementation == "sdpa":
@@ -1034,8 +1030,8 @@ def measure_metaicl(
 
     from maml_ds import distributed as D
     from maml_ds.config import build_deepspeed_config
-    from maml_ds.meta.memory import LiveTensorBytes
-    from maml_ds.train import build_optimizer
+    from maml_ds.meta.live_bytes import LiveTensorBytes
+    from maml_ds.training.loop import build_optimizer
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # The process group stays up (DeepSpeed caches its groups; a re-initialised one breaks
@@ -1178,7 +1174,7 @@ def _measure_one(
 
 
 # --------------------------------------------------------------------------------------------
-# Measurement: real MAML meta-updates through maml_ds.train.setup + maml_ds.engine.maml_step
+# Measurement: real MAML meta-updates through maml_ds.training.loop.setup + maml_ds.training.maml.maml_step
 # --------------------------------------------------------------------------------------------
 
 MEASURE_DEMONSTRATIONS = 32
@@ -1195,7 +1191,7 @@ class MeasureFixture:
 
 def measure_fixture(root: Path, seed: int = 0) -> MeasureFixture:
     """A small synthetic suite, a BPE tokenizer trained on it and the measure model, on disk
-    (what `maml_ds.train.setup` reads; nothing is downloaded). Under a second."""
+    (what `maml_ds.training.loop.setup` reads; nothing is downloaded). Under a second."""
     from transformers import GPT2LMHeadModel
 
     from maml_ds.data.synth import SMALL_SUITE, write_synthetic_suite
@@ -1215,13 +1211,13 @@ def measure_maml(
 ) -> list[dict[str, Any]]:
     """Peak bytes of one real meta-update of the measure model per n, beside the prediction.
 
-    For each n: `maml_ds.train.setup` (a fresh DeepSpeed engine, this process's world size,
+    For each n: `maml_ds.training.loop.setup` (a fresh DeepSpeed engine, this process's world size,
     the setup's ZeRO stage and precision, buckets of MEASURE_BUCKET elements) on a synthetic
-    suite written to a temporary folder, one warm-up `maml_ds.engine.maml_step` (optimizer state
+    suite written to a temporary folder, one warm-up `maml_ds.training.maml.maml_step` (optimizer state
     and the engine's layout exist from there on), then the peak of one more. CPU:
     `LiveTensorBytes` over everything `setup` creates (parameters a folder load does not create
     through torch ops are added); GPU: torch.cuda.max_memory_allocated. What the engine refuses
-    at start-up (maml_ds.engine.check_supported) raises MeasurementUnavailable with its reason.
+    at start-up (maml_ds.config.engine_problems) raises MeasurementUnavailable with its reason.
     """
     import deepspeed
 
@@ -1243,7 +1239,7 @@ def measure_maml(
         raise MeasurementUnavailable(
             [
                 f"--measure --method {setup.method} --zero {setup.zero_stage} --precision "
-                f"{precision}: maml_ds.engine refuses this at start-up, nothing to measure: "
+                f"{precision}: maml_ds.training.maml refuses this at start-up, nothing to measure: "
                 f"{refusal}"
             ]
         )
@@ -1317,7 +1313,7 @@ def _measure_maml_one(
 
 def measure_update_peak(cfg: RunConfig, *, on_gpu: bool | None = None) -> int:
     """This rank's peak bytes of one training update of `cfg` (MetaICL step or MAML
-    meta-update) after one warm-up update: `maml_ds.train.setup` + the method's step function.
+    meta-update) after one warm-up update: `maml_ds.training.loop.setup` + the method's step function.
 
     CPU: `LiveTensorBytes` over everything from `setup` on (parameter storages a folder load
     creates outside torch ops are added); GPU: torch.cuda.max_memory_allocated over the updates
@@ -1325,9 +1321,9 @@ def measure_update_peak(cfg: RunConfig, *, on_gpu: bool | None = None) -> int:
     process-wide torch flags).
     """
     from maml_ds import distributed as D
-    from maml_ds.meta.memory import LiveTensorBytes
-    from maml_ds.train import setup as train_setup
-    from maml_ds.train import step_function
+    from maml_ds.meta.live_bytes import LiveTensorBytes
+    from maml_ds.training.loop import setup as train_setup
+    from maml_ds.training.loop import step_function
 
     if on_gpu is None:
         import deepspeed

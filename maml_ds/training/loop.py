@@ -26,7 +26,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from maml_ds import checkpoint
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig, build_deepspeed_config
 from maml_ds.data.prompts import PromptFormat, build_training_prompt, collate
@@ -36,6 +35,7 @@ from maml_ds.data.tasks import load_setting, load_task_config
 from maml_ds.losses import scored_loss_sum
 from maml_ds.meta import SharedMomentAdamW
 from maml_ds.models import build_model, resolve_tokenizer
+from maml_ds.training import checkpoint
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -238,7 +238,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
             tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed
         )
     else:
-        from maml_ds.engine import build_task_sampler
+        from maml_ds.training.maml import build_task_sampler
 
         sampler = build_task_sampler(cfg, tasks)
     ctx = TrainContext(cfg, engine, tokenizer, fmt, sampler, TrainState(), out_dir)
@@ -261,7 +261,7 @@ def save_checkpoint(ctx: TrainContext) -> Path:
 def step_function(ctx: TrainContext) -> Callable[[TrainContext], StepStats]:
     if ctx.cfg.method_spec.kind == "metaicl":
         return metaicl_step
-    from maml_ds.engine import maml_step
+    from maml_ds.training.maml import maml_step
 
     return maml_step
 

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from maml_ds import distributed as D
-from maml_ds.config import ConfigError, RunConfig
+from maml_ds.config import RunConfig
 from maml_ds.data.prompts import collate
 from maml_ds.data.sampler import TaskSampler
 from maml_ds.losses import scored_loss_sum
@@ -52,23 +52,7 @@ from maml_ds.meta.gradient import meta_gradient
 from maml_ds.meta.optim import AdamWMoments, SharedMomentAdamW
 
 
-def check_supported(cfg: RunConfig) -> None:
-    """Start-up errors for what this engine cannot run (beyond RunConfig.validate)."""
-    spec = cfg.method_spec
-    if spec.kind != "maml":
-        return
-    if cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision != "fp32":
-        raise ConfigError(
-            [
-                f"--zero 0 with --precision {cfg.deepspeed.precision}: DeepSpeed wraps the client "
-                "optimizer in its own mixed-precision optimizer there (and steps it once at "
-                "start-up); use --zero 1 or 2 for fp16/bf16"
-            ]
-        )
-
-
 def build_task_sampler(cfg: RunConfig, tasks) -> TaskSampler:
-    check_supported(cfg)
     return TaskSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
 
 
@@ -374,7 +358,7 @@ class PartitionLayout:
 
 def _local_batch(ctx, prompts) -> dict[str, Any]:
     """This rank's slice of a global task batch, with the global scored-token count."""
-    from maml_ds.train import encode_prompts, num_loss_tokens
+    from maml_ds.training.loop import encode_prompts, num_loss_tokens
 
     encoded = encode_prompts(ctx, prompts)
     micro = ctx.cfg.deepspeed.micro_batch_size
@@ -403,7 +387,7 @@ def make_loss_fn(layout: PartitionLayout):
 
 def maml_step(ctx) -> Any:
     """One meta-update of MAML-2k-n: n tasks, each k inner steps + k query batches."""
-    from maml_ds.train import StepStats
+    from maml_ds.training.loop import StepStats
 
     cfg, engine = ctx.cfg, ctx.engine
     spec = cfg.method_spec
