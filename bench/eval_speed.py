@@ -1,16 +1,11 @@
 """Speed of evaluation scoring: KV-cached demonstration prefix vs plain full-sequence scoring.
 
-Writes the default synthetic suite (`write_synthetic_suite` defaults: 12 test tasks x 64 test
-examples, k=16) to a temporary folder, trains the local BPE tokenizer on it, builds a random-init
-`tiny` GPT-2 (2 layers x 64 dims) and scores every test task at every seed, direct and channel,
-with both paths in the same process: wall time, tokens run through the model (padding included,
-and without), and a check that both paths give the same predictions (and the largest loss
-difference).
+Scores every test task of the default synthetic suite at every seed, direct and channel, with a
+random-init model and both paths in one process: wall time, tokens through the model, and
+whether both give the same predictions. Not a test: its table is in docs/evaluation.md.
 
     OMP_NUM_THREADS=1 python bench/eval_speed.py                 # the table in docs/evaluation.md
     python bench/eval_speed.py --model tiny-128 --seeds 100 --batch-size 32 --device cuda
-
-Not a test: a measurement whose output goes into the docs.
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ from maml_ds.data.prompts import PromptFormat
 from maml_ds.data.reader import TEST_SEEDS, load_target_examples
 from maml_ds.data.synth import write_synthetic_suite
 from maml_ds.data.tasks import load_setting
-from maml_ds.eval.run import ScoringStats, argmin_first, score_examples
+from maml_ds.eval import ScoringStats, argmin_first, score_examples
 from maml_ds.models import build_model, iter_data_texts, train_bpe_tokenizer
 
 
@@ -60,8 +55,8 @@ def main() -> None:
         ]
 
         rows = []
-        for method in ("direct", "channel"):
-            fmt = PromptFormat(method=method)
+        for variant in ("direct", "channel"):
+            fmt = PromptFormat(method=variant)
             # warm-up (allocator, kernels) on one job, both paths
             for use_kv_cache in (True, False):
                 score_examples(
@@ -108,7 +103,7 @@ def main() -> None:
             )
             rows.append(
                 {
-                    "method": method,
+                    "variant": variant,
                     "sequences": s_full.num_sequences,
                     "full_seconds": t_full,
                     "kv_seconds": t_kv,
@@ -131,7 +126,7 @@ def main() -> None:
         )
     )
     for name in (
-        "method",
+        "variant",
         "sequences",
         "full s",
         "kv-cache s",
@@ -145,7 +140,7 @@ def main() -> None:
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(
-            r["method"],
+            r["variant"],
             str(r["sequences"]),
             f"{r['full_seconds']:.2f}",
             f"{r['kv_seconds']:.2f}",
@@ -158,13 +153,13 @@ def main() -> None:
         )
     Console(width=220).print(table)
     print(
-        "\n| method | sequences | full s | kv-cache s | speed-up | full tokens (real) | "
+        "\n| variant | sequences | full s | kv-cache s | speed-up | full tokens (real) | "
         "kv tokens (real) | prefix passes | same predictions | max abs loss diff |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {r['sequences']} | {r['full_seconds']:.2f} | "
+            f"| {r['variant']} | {r['sequences']} | {r['full_seconds']:.2f} | "
             f"{r['kv_seconds']:.2f} | {r['speedup']:.1f}x | {r['full_tokens']:,} "
             f"({r['full_real_tokens']:,}) | {r['kv_tokens']:,} ({r['kv_real_tokens']:,}) | "
             f"{r['prefix_passes']} | {r['same_predictions']} | {r['max_loss_diff']:.1e} |"

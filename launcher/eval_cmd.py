@@ -7,11 +7,11 @@ that `maml-ds --help` stays fast. This module does not import launcher.cli (cli 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +19,10 @@ from rich.table import Table
 
 from launcher.errors import err_console, fail
 from maml_ds.config import ConfigError
+
+if TYPE_CHECKING:  # imported by the commands themselves: `maml-ds --help` stays fast
+    from maml_ds.eval import EvalOptions
+    from maml_ds.model_io import LoadedModel
 
 out_console = Console()
 
@@ -41,10 +45,6 @@ def _pct(value: float) -> str:
 def _cell(average: float, worst: float, single: bool) -> str:
     """The paper's "X/Y" (average/worst), or one number when seeds cannot matter."""
     return _pct(average) if single else f"{_pct(average)}/{_pct(worst)}"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_") or "model"
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +97,96 @@ def paper_table(rows: Sequence[tuple[str, str, float, float, bool]], title: str)
     return table
 
 
-def _print_result(result: Any, path: Path) -> None:
+# --------------------------------------------------------------------------------------------
+# What eval and adapt share: options, the model, the defaults a run provides
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A bad flag or bad data: one error line and exit code 2, no traceback."""
+    from maml_ds.data.tasks import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        raise fail(str(err)) from None
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A loaded model with everything its evaluation needs, defaults filled from its run."""
+
+    loaded: LoadedModel
+    data_dir: Path
+    setting: str
+    options: EvalOptions
+    """The variant resolved."""
+    label: str
+    out_dir: Path
+    cache_dir: Path | None
+
+
+def _load_target(
+    *,
+    model: str,
+    tokenizer: str | None,
+    data: Path | None,
+    setting: str | None,
+    variant: str | None,
+    device: str | None,
+    options: EvalOptions,
+    label: str | None,
+    out: Path | None,
+    no_cache: bool,
+    kind: str,
+) -> _Target:
+    """Load the model; data, setting and variant default to its run's, the label to the
+    paper's row name, the output folder to RUN/eval or eval/<model>."""
+    from maml_ds.eval import default_label
+    from maml_ds.eval.results import safe_name
+    from maml_ds.model_io import load_model
+
+    loaded = load_model(model, tokenizer=tokenizer, device=device)
+    cfg = loaded.run_config
+    problems = []
+    if data is None:
+        if cfg is None:
+            problems.append("--data is required (the MetaICL-format data folder)")
+        else:
+            data = Path(cfg.data.data_dir)
+    if setting is None:
+        if cfg is None:
+            problems.append("--setting is required (e.g. hr_to_lr, or synthetic)")
+        else:
+            setting = cfg.data.setting
+    if variant is None:
+        variant = cfg.data.variant if cfg is not None else "direct"
+    elif cfg is not None and variant != cfg.data.variant:
+        err_console.print(
+            f"[yellow]note:[/] scoring with --variant {variant}; the run was trained "
+            f"{cfg.data.variant}",
+            highlight=False,
+        )
+    if problems:
+        raise ConfigError(problems)
+    assert data is not None and setting is not None
+    if out is None:
+        run_dir = loaded.run_dir
+        out = Path(run_dir) / "eval" if run_dir is not None else Path("eval") / safe_name(model)
+    options = replace(options, variant=variant)
+    label = label or default_label(
+        baseline=options.baseline,
+        variant=variant,
+        train_method=cfg.method if cfg else None,
+        model_name=model,
+        kind=kind,
+    )
+    return _Target(loaded, data, setting, options, label, out, None if no_cache else out / "cache")
+
+
+def _save_and_print(result: Any, path: Path) -> None:
+    path = result.save(path)
     single = len(result.options.seeds) == 1 or not result.options.use_demonstrations
     out_console.print(per_task_table(result))
     out_console.print(
@@ -124,58 +213,6 @@ def _print_result(result: Any, path: Path) -> None:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Shared option handling
-# --------------------------------------------------------------------------------------------
-
-
-def _resolve_common(
-    *,
-    model: str,
-    tokenizer: str | None,
-    data: Path | None,
-    setting: str | None,
-    method: str | None,
-    device: str | None,
-) -> tuple[Any, Path, str, str]:
-    """Load the model; fill data, setting and method from a run's config when not given."""
-    from maml_ds.model_io import load_model
-
-    loaded = load_model(model, tokenizer=tokenizer, device=device)
-    cfg = loaded.run_config
-    problems = []
-    if data is None:
-        if cfg is None:
-            problems.append("--data is required (the MetaICL-format data folder)")
-        else:
-            data = Path(cfg.data.data_dir)
-    if setting is None:
-        if cfg is None:
-            problems.append("--setting is required (e.g. hr_to_lr, or synthetic)")
-        else:
-            setting = cfg.data.setting
-    if method is None:
-        method = cfg.data.variant if cfg is not None else "direct"
-    elif cfg is not None and method != cfg.data.variant:
-        err_console.print(
-            f"[yellow]note:[/] scoring with --method {method}; the run was trained "
-            f"{cfg.data.variant}",
-            highlight=False,
-        )
-    if problems:
-        raise ConfigError(problems)
-    assert data is not None and setting is not None
-    return loaded, data, setting, method
-
-
-def _out_dir(out: Path | None, loaded: Any, model: str) -> Path:
-    if out is not None:
-        return out
-    if loaded.run_dir is not None:
-        return Path(loaded.run_dir) / "eval"
-    return Path("eval") / _slug(model)
-
-
 ModelOpt = Annotated[
     str, typer.Option(help="run folder, checkpoint folder, HF model folder, built-in or HF id")
 ]
@@ -185,7 +222,7 @@ DataOpt = Annotated[
 SettingOpt = Annotated[
     str | None, typer.Option(help="setting name or JSON path (default: the run's)")
 ]
-MethodOpt = Annotated[
+VariantOpt = Annotated[
     str | None, typer.Option(help="direct | channel (default: the run's variant, else direct)")
 ]
 SeedsOpt = Annotated[str, typer.Option(help="demonstration seeds, comma-separated")]
@@ -214,7 +251,7 @@ def eval_command(
     model: ModelOpt,
     data: DataOpt = None,
     setting: SettingOpt = None,
-    method: MethodOpt = None,
+    variant: VariantOpt = None,
     seeds: SeedsOpt = "100,13,21,42,87",
     unseen_only: Annotated[
         bool, typer.Option("--unseen-only", help="only the setting's unseen-domain tasks")
@@ -238,12 +275,12 @@ def eval_command(
     device: DeviceOpt = None,
 ) -> None:
     """Evaluate a model with the MetaICL protocol: avg/worst over seeds, JSON + tables."""
-    from maml_ds.data.tasks import DataError
-    from maml_ds.eval.run import EvalOptions, default_label, evaluate
+    from maml_ds.eval import EvalOptions, evaluate
+    from maml_ds.eval.results import safe_name
 
-    try:
+    with _user_errors():
         options = EvalOptions(
-            method=method or "direct",
+            variant=variant or "direct",
             baseline=baseline,
             seeds=parse_seeds(seeds),
             k=k,
@@ -252,38 +289,32 @@ def eval_command(
             batch_size=batch_size,
             use_kv_cache=not full_scoring,
         )  # validated before the model loads
-        loaded, data_dir, setting_name, method = _resolve_common(
+        target = _load_target(
             model=model,
             tokenizer=tokenizer,
             data=data,
             setting=setting,
-            method=method,
+            variant=variant,
             device=device,
-        )
-        options = replace(options, method=method)
-        out_dir = _out_dir(out, loaded, model)
-        cfg = loaded.run_config
-        label = label or default_label(
-            baseline=baseline,
-            method=method,
-            train_method=cfg.method if cfg else None,
-            model_name=model,
-        )
-        result = evaluate(
-            loaded.model,
-            loaded.tokenizer,
-            data_dir=data_dir,
-            setting=setting_name,
             options=options,
             label=label,
-            model_name=str(model),
-            cache_dir=None if no_cache else out_dir / "cache",
+            out=out,
+            no_cache=no_cache,
+            kind="eval",
         )
-    except (ConfigError, DataError) as err:
-        raise fail(str(err)) from None
-    name = f"eval_{_slug(result.setting)}_{options.scope}_{method}_{baseline}_k{k}.json"
-    path = result.save(out_dir / name)
-    _print_result(result, path)
+        result = evaluate(
+            target.loaded.model,
+            target.loaded.tokenizer,
+            data_dir=target.data_dir,
+            setting=target.setting,
+            options=target.options,
+            label=target.label,
+            model_name=model,
+            cache_dir=target.cache_dir,
+        )
+    options = target.options
+    name = f"eval_{safe_name(result.setting)}_{options.scope}_{options.variant}_{baseline}_k{k}"
+    _save_and_print(result, target.out_dir / f"{name}.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +326,7 @@ def adapt_command(
     model: ModelOpt,
     data: DataOpt = None,
     setting: SettingOpt = None,
-    method: MethodOpt = None,
+    variant: VariantOpt = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-7)")] = 1e-7,
     steps: Annotated[int, typer.Option(help="steps, one target each (16 = one pass)")] = 16,
     keep: Annotated[
@@ -312,55 +343,47 @@ def adapt_command(
     device: DeviceOpt = None,
 ) -> None:
     """Very few-shot adaptation (paper 5.4) on each unseen-domain task, then evaluation."""
-    from maml_ds.data.tasks import DataError
-    from maml_ds.eval.adapt import AdaptOptions, run_adaptation
-    from maml_ds.eval.run import EvalOptions, default_label
+    from maml_ds.eval import AdaptOptions, EvalOptions, run_adaptation
+    from maml_ds.eval.results import safe_name
 
-    try:
+    with _user_errors():
         adapt_options = AdaptOptions(lr=lr, steps=steps)
         options = EvalOptions(
-            method=method or "direct",
+            variant=variant or "direct",
             seeds=parse_seeds(seeds),
             k=k,
             unseen_only=True,
             separators=separators,
             batch_size=batch_size,
         )
-        loaded, data_dir, setting_name, method = _resolve_common(
+        target = _load_target(
             model=model,
             tokenizer=tokenizer,
             data=data,
             setting=setting,
-            method=method,
+            variant=variant,
             device=device,
-        )
-        options = replace(options, method=method)
-        out_dir = _out_dir(out, loaded, model)
-        cfg = loaded.run_config
-        label = label or default_label(
-            baseline="none",
-            method=method,
-            train_method=cfg.method if cfg else None,
-            model_name=model,
+            options=options,
+            label=label,
+            out=out,
+            no_cache=no_cache,
             kind="adapt",
         )
         result = run_adaptation(
-            loaded.model,
-            loaded.tokenizer,
-            data_dir=data_dir,
-            setting=setting_name,
-            eval_options=options,
+            target.loaded.model,
+            target.loaded.tokenizer,
+            data_dir=target.data_dir,
+            setting=target.setting,
+            eval_options=target.options,
             adapt_options=adapt_options,
-            label=label,
-            model_name=str(model),
-            cache_dir=None if no_cache else out_dir / "cache",
+            label=target.label,
+            model_name=model,
+            cache_dir=target.cache_dir,
             keep_dir=keep,
         )
-    except (ConfigError, DataError) as err:
-        raise fail(str(err)) from None
-    name = f"adapt_{_slug(result.setting)}_{method}_lr{lr:g}_steps{steps}_k{k}.json"
-    path = result.save(out_dir / name)
-    _print_result(result, path)
+    variant = target.options.variant
+    name = f"adapt_{safe_name(result.setting)}_{variant}_lr{lr:g}_steps{steps}_k{k}"
+    _save_and_print(result, target.out_dir / f"{name}.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,15 +401,11 @@ def compare_command(
     (A wins over B on a setting when both its average and its worst case are higher)."""
     import json
 
-    from maml_ds.data.tasks import DataError
-    from maml_ds.eval.metrics import win_rate
-    from maml_ds.eval.run import iter_result_files, paper_order, read_result
+    from maml_ds.eval import iter_result_files, paper_order, read_result, win_rate
 
-    try:
+    with _user_errors():
         summaries = [read_result(p) for p in iter_result_files(results)]
         summaries.sort(key=lambda s: paper_order(s.label))  # stable: columns keep file order
-    except DataError as err:
-        raise fail(str(err)) from None
     if not summaries:
         raise fail("no result files given (JSON written by `maml-ds eval` / `maml-ds adapt`)")
     seen: dict[tuple[str, str], Path] = {}

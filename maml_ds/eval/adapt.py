@@ -1,16 +1,10 @@
 """Very few-shot adaptation (paper sec. 5.4), then the MetaICL evaluation.
 
-For each unseen-domain target task of a setting and each seed: the 16 examples of the seed's
-`{task}_16_{seed}_train.jsonl` are the adaptation points. Each point becomes one training prompt
-whose demonstrations are drawn from the same 16 examples, never the point itself, up to 16 of
-them or 256 tokens for the whole prompt, whichever comes first. The model takes one AdamW step
-per prompt (lr 1e-7, 16 steps = one pass), is evaluated on the task at that seed (the same 16
-examples as demonstrations), and is then restored to its original weights, so every (task, seed)
-starts from the meta-trained model. Adapted weights are saved only with `keep_dir`.
-
-A 16-step fine-tune of one model copy: plain PyTorch in one process, no DeepSpeed. The model
-stays in eval mode while it adapts (no dropout: a deterministic result; at lr 1e-7 dropout would
-change nothing else).
+For each unseen-domain target task and seed, the seed's 16 train examples are the adaptation
+points: one AdamW step per point (its demonstrations drawn from the other points), evaluation
+at that seed, then the original weights are restored, so every (task, seed) starts from the
+meta-trained model. Plain PyTorch in one process, no DeepSpeed. The rules and their reasons:
+docs/evaluation.md ("Very few-shot adaptation").
 """
 
 from __future__ import annotations
@@ -33,11 +27,12 @@ from maml_ds.data.prompts import (
     encode_demonstrations,
     encode_target,
     has_no_label,
-    mean_scored_loss,
 )
 from maml_ds.data.reader import Example, load_examples
 from maml_ds.data.tasks import DataError, Setting, load_setting
+from maml_ds.eval.results import safe_name
 from maml_ds.eval.run import EvalOptions, EvalResult, evaluate, target_tasks
+from maml_ds.losses import mean_scored_loss
 
 __all__ = [
     "AdaptOptions",
@@ -188,7 +183,7 @@ def adapt_model(
         weight_decay=options.weight_decay,
     )
     was_training = model.training
-    model.eval()  # no dropout (module docstring)
+    model.eval()  # no dropout: deterministic (docs/evaluation.md)
     losses: list[float] = []
     try:
         for prompt in prompts:
@@ -269,8 +264,6 @@ def run_adaptation(
     The adaptation points of (task, seed) are the seed's `{task}_{k}_{seed}_train.jsonl`.
     `keep_dir`: adapted weights are saved to `keep_dir/{task}/seed{seed}/` (not kept otherwise).
     """
-    from maml_ds.eval.run import _safe_name
-
     data_dir = Path(data_dir)
     setting_obj = setting if isinstance(setting, Setting) else load_setting(setting, data_dir)
     tasks = target_tasks(setting_obj, unseen_only=True)
@@ -281,7 +274,7 @@ def run_adaptation(
         points = load_examples(
             data_dir, task, k=eval_options.k, seed=seed, split="train", min_examples=2
         )
-        keep = keep_dir / _safe_name(task) / f"seed{seed}" if keep_dir is not None else None
+        keep = keep_dir / safe_name(task) / f"seed{seed}" if keep_dir is not None else None
         return adapted(model, tokenizer, points, fmt, adapt_options, seed=seed, keep_dir=keep)
 
     return evaluate(

@@ -214,10 +214,10 @@ def test_eval_reports_every_bad_flag(run_dir):
         "zero",
         "--batch-size",
         "0",
-        "--method",
+        "--variant",
         "sideways",
         check=False,
     )
     assert proc.returncode == 2
-    for flag in ("--baseline", "--batch-size", "--method"):
+    for flag in ("--baseline", "--batch-size", "--variant"):
         assert flag in proc.stderr

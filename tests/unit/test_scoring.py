@@ -21,20 +21,14 @@ from maml_ds.data.prompts import (
     encode_demonstrations,
     join_prompt,
     mean_scored_loss,
+    option_targets,
 )
 from maml_ds.data.reader import Example, load_examples, load_target_examples
 from maml_ds.data.tasks import load_setting, load_task_config
 from maml_ds.eval.adapt import AdaptOptions, adapt_model, adaptation_prompts, run_adaptation
-from maml_ds.eval.run import (
-    EvalOptions,
-    ScoringStats,
-    argmin_first,
-    evaluate,
-    load_cached,
-    model_fingerprint,
-    option_targets,
-    score_examples,
-)
+from maml_ds.eval.cache import load_cached, model_fingerprint
+from maml_ds.eval.run import EvalOptions, evaluate
+from maml_ds.eval.scoring import ScoringStats, argmin_first, score_examples
 from maml_ds.models import build_model
 
 
@@ -106,17 +100,17 @@ def _jobs(synth_dir, num_tasks=4, num_examples=6):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("method", ["direct", "channel"])
+@pytest.mark.parametrize("variant", ["direct", "channel"])
 @pytest.mark.parametrize(
     "fmt_kwargs",
     [{}, {"max_length": 48, "max_length_per_example": 32}],
     ids=["1024-cap", "truncated-48"],
 )
 def test_kv_cached_scoring_equals_full_sequence_scoring(
-    request, tokenizer, synth_dir, method, fmt_kwargs, attn
+    request, tokenizer, synth_dir, variant, fmt_kwargs, attn
 ):
     model = request.getfixturevalue("model" if attn == "eager" else "sdpa_model")
-    fmt = PromptFormat(method=method, **fmt_kwargs)
+    fmt = PromptFormat(method=variant, **fmt_kwargs)
     cached_stats, full_stats = ScoringStats(), ScoringStats()
     jobs = _jobs(synth_dir)
     for demos, tests in jobs:
@@ -313,7 +307,7 @@ def _reference_adapt(model, tokenizer, points, fmt, prompts, lr):
 
 def test_adapt_takes_exactly_the_expected_adamw_steps(model, tokenizer, synth_dir):
     points = _points(synth_dir)
-    fmt = EvalOptions(method="channel").prompt_format()
+    fmt = EvalOptions(variant="channel").prompt_format()
     options = AdaptOptions(lr=1e-3, steps=16)
     prompts = adaptation_prompts(tokenizer, points, fmt, options, seed=100)
     adapted = copy.deepcopy(model)
