@@ -31,13 +31,13 @@ from transformers.utils import logging
 
 from maml_ds.meta import (
     InnerStepConfig,
-    default_fd_rel_scale,
+    default_fd_scale,
     inner_step,
     meta_gradient,
     new_adamw_state,
 )
 
-REL_SCALES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+FD_SCALES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 
 
 @dataclass(frozen=True)
@@ -188,15 +188,13 @@ def main() -> None:
                 f"{error(second_order='first-order'):.1e}",
                 *(
                     f"{error(second_order='hvp-fd', fd_mode=m):.1e} "
-                    f"(r={default_fd_rel_scale(precision.compute_dtype, m):g})"
+                    f"(r={default_fd_scale(precision.compute_dtype, m):g})"
                     for m in ("one-sided", "central")
                 ),
             ]
         )
         for fd_mode in ("one-sided", "central"):
-            errors = [
-                error(second_order="hvp-fd", fd_mode=fd_mode, fd_rel_scale=r) for r in REL_SCALES
-            ]
+            errors = [error(second_order="hvp-fd", fd_mode=fd_mode, fd_scale=r) for r in FD_SCALES]
             cells = [f"**{e:.1e}**" if e == min(errors) else f"{e:.1e}" for e in errors]
             sweep.append([precision.name, fd_mode, *cells])
 
@@ -217,7 +215,7 @@ def main() -> None:
         summary,
     )
     print()
-    print_table(["precision", "fd_mode", *(f"r={r:g}" for r in REL_SCALES)], sweep)
+    print_table(["precision", "fd_mode", *(f"r={r:g}" for r in FD_SCALES)], sweep)
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

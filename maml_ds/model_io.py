@@ -1,20 +1,11 @@
 """Resolve `--model PATH_OR_RUN` into a model and its tokenizer, for eval and adapt.
 
-Accepted, in this order:
-
-1. a maml-ds run folder (`RUN/config.json` is a RunConfig): `RUN/final/` (the Hugging Face
-   export written when training finished) if present, else the latest DeepSpeed checkpoint
-   (`RUN/checkpoints/latest`) converted to fp32 weights on a model built from `RUN/config.json`;
-2. a DeepSpeed checkpoint folder: `RUN/checkpoints` (its `latest` tag) or `RUN/checkpoints/stepN`;
-3. an exported Hugging Face folder (`config.json` with a `model_type`);
-4. a built-in random-init name (`tiny`, `random:gpt2`, ...; needs --tokenizer) or a Hugging
-   Face id (downloaded by transformers only because it was named).
-
-Checkpoint conversion: ZeRO 1-3 checkpoints (and DeepSpeed's bf16 optimizer) keep the fp32
-master weights in `*_optim_states.pt`; `deepspeed.utils.zero_to_fp32` reassembles them. A ZeRO-0
-checkpoint has no such files (`get_fp32_state_dict_from_zero_checkpoint` fails on it): its
-weights are the `module` entry of `mp_rank_00_model_states.pt`, upcast to fp32 (for fp16 runs
-that is the fp16 copy, not the fp32 master held in the optimizer state).
+Accepted, in this order: a maml-ds run folder (`RUN/final/` if training finished, else its
+latest DeepSpeed checkpoint as fp32 weights on a model built from `RUN/config.json`); a
+DeepSpeed checkpoint folder (`RUN/checkpoints` or `RUN/checkpoints/stepN`); an exported Hugging
+Face folder; a built-in random-init name (needs --tokenizer) or a Hugging Face id (downloaded
+only because it was named). DeepSpeed's checkpoint files are read by
+`maml_ds.training.zero_layout`. docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -29,7 +20,7 @@ import torch
 
 from maml_ds.config import ConfigError, RunConfig
 
-__all__ = ["LoadedModel", "load_model", "state_dict_from_checkpoint"]
+__all__ = ["LoadedModel", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,40 +64,6 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _is_checkpoint_tag(path: Path) -> bool:
-    return any(path.glob("*model_states.pt")) or any(path.glob("*_optim_states.pt"))
-
-
-def state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 model weights of DeepSpeed checkpoint `ckpt_dir/tag` (any ZeRO stage)."""
-    tag_dir = ckpt_dir / tag
-    if any(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3, bf16 optimizer: fp32 master weights
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        return {k: v.float() for k, v in state.items()}
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if len(files) != 1:
-        raise ConfigError(
-            [
-                f"{tag_dir}: expected one mp_rank_*_model_states.pt (ZeRO-0, no model "
-                f"parallelism), found {len(files)}; is this a DeepSpeed checkpoint of maml-ds?"
-            ]
-        )
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
-def _checkpoint_config(tag_dir: Path) -> RunConfig | None:
-    """The RunConfig saved in a checkpoint's client state (maml-ds writes it there)."""
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        return None
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
-    raw = states.get("config")
-    return RunConfig.from_dict(raw) if isinstance(raw, dict) else None
-
-
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied weight (GPT-2's lm_head = wte) may be absent from the saved state.
@@ -124,15 +81,14 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
 
 def _model_from_run_config(cfg: RunConfig, tokenizer: Any, attn_implementation: str) -> Any:
     """The architecture of a run, without loading any pretrained weights."""
-    from maml_ds.models import build_model, builtin_arch
+    from maml_ds.models import build_model, builtin_arch, model_from_config
 
     name = cfg.model.name
-    if Path(name).is_dir() or builtin_arch(name) is None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+    if Path(name).is_dir() or builtin_arch(name) is None:  # a folder, or the id the run named
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(name)
-        config._attn_implementation = attn_implementation
-        return AutoModelForCausalLM.from_config(config)
+        return model_from_config(config, attn_implementation=attn_implementation)
     return build_model(
         name, vocab_size=len(tokenizer), seed=cfg.seed, attn_implementation=attn_implementation
     )
@@ -155,9 +111,13 @@ def _run_tokenizer(run_dir: Path, cfg: RunConfig | None, tokenizer: str | None) 
 def _from_checkpoint(
     ckpt_dir: Path, tag: str, run_dir: Path, tokenizer: str | None, attn_implementation: str
 ) -> tuple[Any, Any, RunConfig]:
+    from maml_ds.training.zero_layout import checkpoint_client_state, checkpoint_state_dict
+
     cfg = RunConfig.load(run_dir / "config.json") if _is_run_dir(run_dir) else None
     if cfg is None:
-        cfg = _checkpoint_config(ckpt_dir / tag)
+        client = checkpoint_client_state(ckpt_dir / tag) or {}
+        raw = client.get("config")
+        cfg = RunConfig.from_dict(raw) if isinstance(raw, dict) else None
     if cfg is None:
         raise ConfigError(
             [
@@ -167,7 +127,7 @@ def _from_checkpoint(
         )
     tok = _run_tokenizer(run_dir, cfg, tokenizer)
     model = _model_from_run_config(cfg, tok, attn_implementation)
-    _load_state(model, state_dict_from_checkpoint(ckpt_dir, tag), str(ckpt_dir / tag))
+    _load_state(model, checkpoint_state_dict(ckpt_dir, tag), str(ckpt_dir / tag))
     return model, tok, cfg
 
 
@@ -185,6 +145,7 @@ def load_model(
     """
     from maml_ds.models import build_model, builtin_arch, load_tokenizer
     from maml_ds.training import checkpoint
+    from maml_ds.training.zero_layout import is_checkpoint_tag
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(spec)
@@ -215,7 +176,7 @@ def load_model(
             raise ConfigError([f"{path}/latest names a checkpoint that does not exist"])
         model, tok, cfg = _from_checkpoint(path, tag, path.parent, tokenizer, attn_implementation)
         loaded = LoadedModel(model, tok, "checkpoint", str(path / tag), path.parent, cfg)
-    elif path.is_dir() and _is_checkpoint_tag(path):  # RUN/checkpoints/stepN
+    elif path.is_dir() and is_checkpoint_tag(path):  # RUN/checkpoints/stepN
         run_dir = path.parent.parent
         model, tok, cfg = _from_checkpoint(
             path.parent, path.name, run_dir, tokenizer, attn_implementation

@@ -4,9 +4,10 @@
   mode, with SGD or AdamW inner steps.
 - Building blocks for callers that cannot run it in one piece (the DeepSpeed engine under ZeRO-3):
   `InnerStepConfig`, `inner_step`, `inner_precondition`, `reverse_step`, `support_gradient`,
-  `query_gradient`, `finite_difference_hvp`, `fd_epsilon`, `default_fd_rel_scale`,
+  `query_gradient`, `finite_difference_hvp`, `fd_epsilon`, `default_fd_scale`,
   `RngSnapshot` (same dropout masks when a support loss is evaluated again).
 - `SharedMomentAdamW`: the optimizer whose AdamW moments the inner and outer steps share.
+- `SecondOrder`, `FdMode`, `OptimizerName`: the mode and optimizer names (RunConfig uses them).
 - `LiveTensorBytes`: exact live-tensor memory accounting (peak) on any device.
 """
 
@@ -14,11 +15,13 @@ from maml_ds.meta.gradient import (
     FD_MODES,
     SECOND_ORDER_MODES,
     AdamWState,
+    FdMode,
     InnerStepConfig,
     MetaGradient,
     RngSnapshot,
+    SecondOrder,
     SupportGradient,
-    default_fd_rel_scale,
+    default_fd_scale,
     fd_epsilon,
     finite_difference_hvp,
     inner_precondition,
@@ -31,7 +34,9 @@ from maml_ds.meta.gradient import (
 )
 from maml_ds.meta.live_bytes import LiveTensorBytes
 from maml_ds.meta.optim import (
+    OPTIMIZER_NAMES,
     AdamWMoments,
+    OptimizerName,
     SharedMomentAdamW,
     adamw_moments,
     adamw_precondition,
@@ -41,19 +46,23 @@ from maml_ds.meta.optim import (
 
 __all__ = [
     "FD_MODES",
+    "OPTIMIZER_NAMES",
     "SECOND_ORDER_MODES",
     "AdamWMoments",
     "AdamWState",
+    "FdMode",
     "InnerStepConfig",
     "LiveTensorBytes",
     "MetaGradient",
+    "OptimizerName",
     "RngSnapshot",
+    "SecondOrder",
     "SharedMomentAdamW",
     "SupportGradient",
     "adamw_moments",
     "adamw_precondition",
     "adamw_update",
-    "default_fd_rel_scale",
+    "default_fd_scale",
     "fd_epsilon",
     "finite_difference_hvp",
     "inner_precondition",

@@ -1,20 +1,10 @@
 """The model-agnostic MAML-en-LLM meta-gradient, as pure functions over parameter dicts.
 
-Spec: docs/design.md, "The meta-gradient"; user guide: docs/meta-gradient.md. For one task with k
-inner steps theta_(j+1) = step(theta_j, g_Sj(theta_j)) and the query loss L_Q (mean over the
-query batches) taken at theta_k, the meta-gradient is
-
-    u = grad L_Q(theta_k)
-    for j = k-1 .. 0:  u <- (1 - alpha*lambda) u - alpha * H_Sj(theta_j) (D_j u)
-
-with D_j = 1 for SGD inner steps and the AdamW preconditioner for AdamW inner steps (derivative
-convention: previous moments and v_j constant, only (1 - b1) g_j carries a derivative).
-
-`meta_gradient` computes it in one piece, in one of four modes. The building blocks it is made of
-(`inner_step`, `inner_precondition`, `reverse_step`, `support_gradient`, `query_gradient`,
-`finite_difference_hvp`, `fd_epsilon`) are public so that the DeepSpeed engine can run the same
-math when its gradients come from engine forward/backward passes (ZeRO-3); nothing else
-re-implements it.
+For one task, k inner steps theta_(j+1) = step(theta_j, g_Sj(theta_j)) and the query loss L_Q at
+theta_k: u = grad L_Q(theta_k); for j = k-1 .. 0: u <- (1 - alpha*lambda) u - alpha H_Sj (D_j u),
+D_j = 1 (SGD) or the AdamW preconditioner (previous moments and v_j constant). `meta_gradient`
+computes it in one of four modes; its building blocks are public so the DeepSpeed engine runs
+the same math on its partitions, and nothing else re-implements it. docs/meta-gradient.md.
 """
 
 from __future__ import annotations
@@ -50,9 +40,9 @@ LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 GradFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 """params -> gradient of a fixed (support) loss at params."""
 HvpFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+"""w -> H w, the Hessian of a fixed (support) loss at a fixed point times w."""
 NormFn = Callable[[Params], float]
 """The L2 norm of a dict of tensors (all-reduced over ranks by a partitioned caller)."""
-"""w -> H w, the Hessian of a fixed (support) loss at a fixed point times w."""
 
 SecondOrder = Literal["exact", "hvp", "hvp-fd", "first-order"]
 SECOND_ORDER_MODES: tuple[SecondOrder, ...] = ("exact", "hvp", "hvp-fd", "first-order")
@@ -63,7 +53,7 @@ FD_MODES: tuple[FdMode, ...] = ("one-sided", "central")
 # smallest meta-gradient error in the sweep of docs/meta-gradient.md (bench/fd_error.py, tiny
 # GPT-2, SGD and AdamW inner steps), on the side of larger steps where two are close. float16:
 # measured with SGD inner steps only (fp16 AdamW moments underflow; keep them in fp32).
-_DEFAULT_FD_REL_SCALE: dict[tuple[torch.dtype, FdMode], float] = {
+_DEFAULT_FD_SCALE: dict[tuple[torch.dtype, FdMode], float] = {
     (torch.float64, "one-sided"): 1e-8,
     (torch.float64, "central"): 1e-6,
     (torch.float32, "one-sided"): 1e-5,
@@ -444,24 +434,24 @@ def query_gradient(
     return torch.stack(losses).mean(), grads
 
 
-def default_fd_rel_scale(dtype: torch.dtype, fd_mode: FdMode) -> float:
+def default_fd_scale(dtype: torch.dtype, fd_mode: FdMode) -> float:
     """Default relative FD step r (= ||eps w|| / ||theta||) when the model computes in `dtype`.
 
     float64 1e-8 / 1e-6, float32 1e-5 / 1e-4, bfloat16 3e-3 / 3e-3, float16 1e-3 / 3e-3
     (one-sided / central); other dtypes get the float32 values.
     """
-    fallback = _DEFAULT_FD_REL_SCALE[torch.float32, fd_mode]
-    return _DEFAULT_FD_REL_SCALE.get((dtype, fd_mode), fallback)
+    fallback = _DEFAULT_FD_SCALE[torch.float32, fd_mode]
+    return _DEFAULT_FD_SCALE.get((dtype, fd_mode), fallback)
 
 
-def fd_epsilon(params_norm: float, direction_norm: float, rel_scale: float) -> float:
+def fd_epsilon(params_norm: float, direction_norm: float, fd_scale: float) -> float:
     """FD step eps with ||eps w|| = r ||theta|| (r itself if theta = 0); 0 for w = 0.
 
     Takes global norms so that a partitioned caller can all-reduce them first.
     """
     if direction_norm == 0:
         return 0.0
-    return rel_scale * (params_norm if params_norm > 0 else 1.0) / direction_norm
+    return fd_scale * (params_norm if params_norm > 0 else 1.0) / direction_norm
 
 
 def finite_difference_hvp(
@@ -470,7 +460,7 @@ def finite_difference_hvp(
     direction: Params,
     *,
     fd_mode: FdMode = "one-sided",
-    rel_scale: float | None = None,
+    fd_scale: float | None = None,
     grad_at_params: Params | None = None,
     eps: float | None = None,
     norm_fn: NormFn | None = None,
@@ -485,19 +475,15 @@ def finite_difference_hvp(
         params: theta.
         direction: w.
         fd_mode: "one-sided" or "central".
-        rel_scale: r; eps = r ||theta|| / ||w|| (`fd_epsilon`). None: `default_fd_rel_scale` of
+        fd_scale: r; eps = r ||theta|| / ||w|| (`fd_epsilon`). None: `default_fd_scale` of
             the params' dtype, or of the autocast dtype when called under autocast.
         grad_at_params: g(theta) if already computed (one-sided reuses it, else computes it).
-        eps: the step itself, overriding rel_scale (e.g. from all-reduced norms).
+        eps: the step itself, overriding fd_scale (e.g. from all-reduced norms).
     """
     if fd_mode not in FD_MODES:
         raise ValueError(f"fd_mode must be one of {FD_MODES}, got {fd_mode!r}")
     if eps is None:
-        r = (
-            default_fd_rel_scale(_compute_dtype(params), fd_mode)
-            if rel_scale is None
-            else rel_scale
-        )
+        r = default_fd_scale(_compute_dtype(params), fd_mode) if fd_scale is None else fd_scale
         norm = _global_norm if norm_fn is None else norm_fn
         eps = fd_epsilon(norm(params), norm(direction), r)
     if eps == 0:
@@ -527,7 +513,7 @@ def meta_gradient(
     eps: float = 1e-8,
     weight_decay: float | Mapping[str, float] = 0.0,
     fd_mode: FdMode = "one-sided",
-    fd_rel_scale: float | None = None,
+    fd_scale: float | None = None,
     norm_fn: NormFn | None = None,
 ) -> MetaGradient:
     """Meta-gradient of one task: d L_Q(theta_k(theta)) / d theta after k inner steps.
@@ -550,7 +536,7 @@ def meta_gradient(
                 support graph alive at a time, theta_j recomputed by replaying the inner steps
                 from theta (memory flat in k, k(k-1)/2 extra support passes).
             "hvp-fd": the same recursion with finite-difference HVPs (no double backward: works
-                with any attention kernel); see `fd_mode`, `fd_rel_scale`.
+                with any attention kernel); see `fd_mode`, `fd_scale`.
             "first-order": grad L_Q(theta_k) (FOMAML).
         adam_state: inner AdamW moments per name at the start of the task (with shared moments:
             the optimizer's, `SharedMomentAdamW.inner_state`). None: fresh zeros. Not modified;
@@ -559,10 +545,10 @@ def meta_gradient(
         weight_decay: decoupled weight decay of the inner steps (float or per name).
         fd_mode: "one-sided" (default: reuses the support gradient at theta_j, so one extra
             forward/backward per inner step) or "central" (two, error O(eps^2) instead of O(eps)).
-        fd_rel_scale: r = ||eps w|| / ||theta_j|| of the FD step; None: per compute dtype and
-            fd_mode (`default_fd_rel_scale`, measured in docs/meta-gradient.md). The compute dtype
+        fd_scale: r = ||eps w|| / ||theta_j|| of the FD step; None: per compute dtype and
+            fd_mode (`default_fd_scale`, measured in docs/meta-gradient.md). The compute dtype
             is the params' dtype, or the autocast dtype if meta_gradient runs under autocast;
-            autocast entered inside loss_fn is invisible here: pass fd_rel_scale then.
+            autocast entered inside loss_fn is invisible here: pass fd_scale then.
         norm_fn: the L2 norm of a dict of tensors used for the FD step (default: the local
             norm). A caller whose `params` are one rank's partition passes a norm all-reduced
             over the ranks, so that every rank takes the same step.
@@ -582,8 +568,8 @@ def meta_gradient(
         problems.append(f"second_order must be one of {SECOND_ORDER_MODES}, got {second_order!r}")
     if fd_mode not in FD_MODES:
         problems.append(f"fd_mode must be one of {FD_MODES}, got {fd_mode!r}")
-    if fd_rel_scale is not None and not fd_rel_scale > 0:
-        problems.append(f"fd_rel_scale must be > 0, got {fd_rel_scale}")
+    if fd_scale is not None and not fd_scale > 0:
+        problems.append(f"fd_scale must be > 0, got {fd_scale}")
     if len(query) == 0:
         problems.append("query must hold at least one batch")
     if not params:
@@ -608,7 +594,7 @@ def meta_gradient(
         return _exact(loss_fn, theta0, state0, support, query, config)
     return _recursive(
         loss_fn, theta0, state0, support, query, config,
-        second_order=second_order, fd_mode=fd_mode, fd_rel_scale=fd_rel_scale, norm_fn=norm_fn,
+        second_order=second_order, fd_mode=fd_mode, fd_scale=fd_scale, norm_fn=norm_fn,
     )  # fmt: skip
 
 
@@ -725,7 +711,7 @@ def _recursive(
     *,
     second_order: SecondOrder,
     fd_mode: FdMode,
-    fd_rel_scale: float | None,
+    fd_scale: float | None,
     norm_fn: NormFn | None = None,
 ) -> MetaGradient:
     """`hvp`, `hvp-fd` and `first-order`: forward pass, then the reverse recursion.
@@ -773,7 +759,7 @@ def _recursive(
                 functools.partial(_support_grads_only, loss_fn, support[j], rngs[j]),
                 theta_j,
                 fd_mode=fd_mode,
-                rel_scale=fd_rel_scale,
+                fd_scale=fd_scale,
                 norm_fn=norm_fn,
                 grad_at_params=sg_j.grads if sg_j is not None else None,
             )

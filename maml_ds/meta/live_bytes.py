@@ -1,9 +1,9 @@
 """Exact live-tensor-bytes accounting on any device, CPU included.
 
 On CPU neither RSS/VmHWM (glibc keeps freed pages), tracemalloc (does not see torch) nor torch's
-MemTracker give a usable peak (docs/deepspeed-notes.md, "Measuring memory"). `LiveTensorBytes` is
-a TorchDispatchMode that sees every op: it adds the bytes of each storage an op creates and
-subtracts them when the storage dies (a weakref finalizer on the storage), and keeps the peak.
+MemTracker give a usable peak. `LiveTensorBytes` is a TorchDispatchMode that sees every op: it
+adds the bytes of each storage an op creates and subtracts them when the storage dies (a weakref
+finalizer on the storage), and keeps the peak.
 The numbers are exact and repeatable; compare them between runs (k = 1 vs k = 4, n = 1 vs n = 8)
 rather than reading them as absolute process memory.
 """

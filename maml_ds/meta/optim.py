@@ -1,16 +1,12 @@
 """Per-tensor inner/outer update rules and the shared-moment AdamW optimizer.
 
-The update math lives here once, per tensor and elementwise, so that it works on whole parameters,
-on the flat fp32 partitions DeepSpeed ZeRO-1/2 hands to a client optimizer, and on ZeRO-3 shards:
-
-- `adamw_update`: one decoupled AdamW step (torch.optim.AdamW's op order, so the outer step is
-  bit-equal to it) that can also run out of place and differentiably for the inner loop, with the
-  MAML-en-LLM derivative convention built in (only the current gradient's term is differentiated).
-- `sgd_update`: one SGD step with decoupled weight decay, theta * (1 - lr*wd) - lr * g.
-- `adamw_precondition`: D_j, the derivative of an AdamW step with respect to its gradient.
-
-`SharedMomentAdamW` is the torch.optim.Optimizer that DeepSpeed drives: `step()` is the outer
-(meta) update, `inner_step()` the adaptation step of Algorithm 1 on the same state.
+The update math lives here once, per tensor and elementwise, so it works on whole parameters,
+on the flat fp32 partitions ZeRO-1/2 hand to a client optimizer, and on ZeRO-3 shards:
+`adamw_update` (torch.optim.AdamW's op order, so the outer step is bit-equal to it; also out of
+place and differentiable for the inner loop, with the MAML-en-LLM derivative convention),
+`sgd_update`, and `adamw_precondition` (D_j). `SharedMomentAdamW` is the optimizer DeepSpeed
+drives: `step()` the outer update, `inner_step()` the adaptation step on the same state.
+docs/meta-gradient.md.
 """
 
 from __future__ import annotations
@@ -102,7 +98,7 @@ def adamw_update(
     The ops and their order are those of torch.optim.AdamW (foreach=False), so with
     `moments_in_place=True, param_out=param` the result is bit-equal to it.
 
-    Derivative convention (design.md, "The meta-gradient"): the incoming moments and the new
+    Derivative convention (docs/meta-gradient.md): the incoming moments and the new
     second moment are constants; only the current gradient's term (1 - b1) g carries a derivative.
     So if `grad` is part of an autograd graph (inner loop with create_graph=True), the returned
     param is differentiable with respect to `param` and `grad`, with
@@ -189,7 +185,6 @@ class SharedMomentAdamW(torch.optim.Optimizer):
     ==============================  ===================================================
 
     SGD steps use decoupled weight decay, p * (1 - lr*wd) - lr * g, like the inner SGD step.
-    `reset_inner_state()` drops the separate inner state explicitly.
 
     Under DeepSpeed: ZeRO-1/2 hand each param group ONE flat fp32 partition per rank and every op
     here is elementwise, so partitions work. ZeRO-3 calls `step()` once per sub-group and leaves
@@ -365,14 +360,6 @@ class SharedMomentAdamW(torch.optim.Optimizer):
                 )  # fmt: skip
             new_params.append(new)
         return new_params
-
-    def reset_inner_state(self) -> None:
-        """Drop the separate inner moments of every tensor (no-op when moments are shared)."""
-        if self.share_moments:
-            return
-        for state in self.state.values():
-            for key in self._inner_keys():
-                state.pop(key, None)
 
     # --- outer (meta) step --------------------------------------------------------------------
 

@@ -1,14 +1,9 @@
-"""Meta-training: ``setup -> fit``, one optimizer update per loop iteration.
+"""Meta-training: ``setup -> fit -> export``, one optimizer update per loop iteration.
 
 What each rank runs (``maml-ds train``), as one process or under ``deepspeed --num_gpus N``.
 DeepSpeed owns ranks, ZeRO, precision, gradient reduction and clipping, the LR schedule and the
-checkpoints; this module owns the data stream, the loss normalisation and the counters.
-
-Loss contract (MetaICL): the loss of an update is the mean cross-entropy over ALL scored
-tokens of the global batch (every rank, every micro-batch). Each rank scales its token-sum by
-``world_size * accumulation / global_scored_tokens``; DeepSpeed's rank average and its 1/GAS
-scaling then give exactly the global per-token mean, so 2 ranks x micro-batch 1 equals 1 rank
-x micro-batch 2.
+checkpoints; this module owns the data stream and the counters. The update itself comes from
+`STEPS`, keyed by the method's kind (MetaICL step or MAML meta-update); docs/engine.md.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,59 +23,55 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig, build_deepspeed_config
-from maml_ds.data.prompts import PromptFormat, build_training_prompt, collate
+from maml_ds.data.prompts import PromptFormat
 from maml_ds.data.reader import Example, load_meta_train_examples
-from maml_ds.data.sampler import MetaICLSampler, PromptSpec, subsample_stratified
+from maml_ds.data.sampler import subsample_stratified
 from maml_ds.data.tasks import load_setting, load_task_config
-from maml_ds.losses import scored_loss_sum
 from maml_ds.meta import SharedMomentAdamW
 from maml_ds.models import build_model, resolve_tokenizer
 from maml_ds.training import checkpoint
+from maml_ds.training.maml import MamlStep, build_task_sampler
+from maml_ds.training.metaicl import build_prompt_sampler, metaicl_step
+from maml_ds.training.state import StepStats, TrainContext, TrainState
+from maml_ds.training.zero_layout import write_monitor_events
+
+__all__ = [
+    "CHECKPOINTS",
+    "CONFIG_FILE",
+    "STEPS",
+    "StepFunction",
+    "StepKind",
+    "build_optimizer",
+    "export_model",
+    "fit",
+    "linear_schedule",
+    "load_training_tasks",
+    "save_checkpoint",
+    "setup",
+    "step_function",
+    "train",
+]
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 
-
-@dataclass
-class TrainState:
-    """Counters saved in every checkpoint."""
-
-    step: int = 0
-    """Optimizer updates done (MetaICL steps or meta-updates)."""
-    num_batches: int = 0
-    """Batches processed (MetaICL: micro-batches x ranks; MAML: 2kn per meta-update)."""
-    num_prompts: int = 0
-    num_skipped: int = 0
-    """Updates skipped for a non-finite loss or meta-gradient."""
+StepFunction = Callable[[TrainContext], StepStats]
+"""One optimizer update of a run: ``step(ctx) -> StepStats``."""
 
 
-@dataclass
-class StepStats:
-    loss: float
-    num_prompts: int
-    num_batches: int
-    """Batches processed across ranks in this update."""
-    skipped: bool = False
-    """The update was skipped (non-finite loss or gradient)."""
-    extra: dict[str, float] = field(default_factory=dict)
+@dataclass(frozen=True)
+class StepKind:
+    """How runs of one method kind train: the sampler of their data and their update."""
+
+    build_sampler: Callable[[RunConfig, dict[str, list[Example]]], Any]
+    make_step: Callable[[TrainContext], StepFunction]
+    """Built once per context (it may own state, e.g. the MAML engine's partition layout)."""
 
 
-@dataclass
-class TrainContext:
-    cfg: RunConfig
-    engine: Any
-    tokenizer: Any
-    prompt_format: PromptFormat
-    sampler: Any
-    state: TrainState
-    out_dir: Path
-    layout: Any = None
-    """MAML only: the engine's PartitionLayout, built at the first meta-update."""
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
+STEPS: dict[str, StepKind] = {
+    "metaicl": StepKind(build_prompt_sampler, lambda ctx: metaicl_step),
+    "maml": StepKind(build_task_sampler, MamlStep),
+}
 
 
 def load_training_tasks(cfg: RunConfig) -> dict[str, list[Example]]:
@@ -103,65 +94,6 @@ def load_training_tasks(cfg: RunConfig) -> dict[str, list[Example]]:
         )
         tasks[task] = examples
     return tasks
-
-
-def encode_prompts(ctx: TrainContext, prompts: list[PromptSpec]) -> list:
-    return [
-        build_training_prompt(ctx.tokenizer, p.demonstrations, p.target, ctx.prompt_format)
-        for p in prompts
-    ]
-
-
-def scored_token_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over the batch of the cross-entropy of every scored token (a scalar)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return scored_loss_sum(logits, batch)[0].sum()
-
-
-def num_loss_tokens(prompt) -> int:
-    """Scored tokens that the loss counts (position 0 has nothing before it)."""
-    return sum(prompt.scored_mask[1:])
-
-
-# --------------------------------------------------------------------------------------------
-# One MetaICL update
-# --------------------------------------------------------------------------------------------
-
-
-def metaicl_step(ctx: TrainContext) -> StepStats:
-    """One optimizer update: GAS micro-batches per rank, a global per-token mean loss."""
-    ds = ctx.cfg.deepspeed
-    world, rank = D.world_size(), D.rank()
-    micro, gas = ds.micro_batch_size, ds.gradient_accumulation_steps
-    # Every rank draws the whole global batch (deterministic) and encodes only what it needs
-    # to count the global scored tokens: a normalisation free of communication.
-    prompts = ctx.sampler.take(gas * world * micro)
-    encoded = encode_prompts(ctx, prompts)
-    total_scored = sum(num_loss_tokens(p) for p in encoded)
-    scale = world * gas / total_scored
-    device = D.device()
-    loss_sum = 0.0
-    for m in range(gas):
-        start = (m * world + rank) * micro
-        batch = collate(encoded[start : start + micro], ctx.tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        ctx.engine.set_gradient_accumulation_boundary(m == gas - 1)
-        token_sum = scored_token_sum(ctx.engine, batch)
-        ctx.engine.backward(token_sum * scale)
-        loss_sum += float(token_sum.detach())
-    ctx.engine.step()
-    loss = D.all_reduce_sum(loss_sum) / total_scored
-    return StepStats(
-        loss=loss,
-        num_prompts=len(prompts),
-        num_batches=gas * world,
-        skipped=not ctx.engine.was_step_applied(),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# setup -> fit
-# --------------------------------------------------------------------------------------------
 
 
 def linear_schedule(cfg: RunConfig) -> Callable[[int], float]:
@@ -214,7 +146,6 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
             data_dir=cfg.data.data_dir,
         )
     tasks = load_training_tasks(cfg)
-    spec = cfg.method_spec
     model = build_model(
         cfg.model.name,
         vocab_size=len(tokenizer),
@@ -233,14 +164,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
         max_length_per_example=cfg.data.max_length_per_example,
         max_length=cfg.data.max_length,
     ).for_k(cfg.data.num_demonstrations)
-    if spec.kind == "metaicl":
-        sampler: Any = MetaICLSampler(
-            tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed
-        )
-    else:
-        from maml_ds.training.maml import build_task_sampler
-
-        sampler = build_task_sampler(cfg, tasks)
+    sampler = STEPS[cfg.method_spec.kind].build_sampler(cfg, tasks)
     ctx = TrainContext(cfg, engine, tokenizer, fmt, sampler, TrainState(), out_dir)
     if resume:
         client = checkpoint.load(engine, ckpt_dir)
@@ -258,12 +182,9 @@ def save_checkpoint(ctx: TrainContext) -> Path:
     return checkpoint.save(ctx.engine, ctx.out_dir / CHECKPOINTS, f"step{ctx.state.step}", client)
 
 
-def step_function(ctx: TrainContext) -> Callable[[TrainContext], StepStats]:
-    if ctx.cfg.method_spec.kind == "metaicl":
-        return metaicl_step
-    from maml_ds.training.maml import maml_step
-
-    return maml_step
+def step_function(ctx: TrainContext) -> StepFunction:
+    """The update of this run's method, built for this context (call it once per context)."""
+    return STEPS[ctx.cfg.method_spec.kind].make_step(ctx)
 
 
 def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, float]]:
@@ -301,7 +222,9 @@ def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, f
             }
             record.update(stats.extra)
             history.append(record)
-            _log(ctx, record)
+            write_monitor_events(
+                ctx.engine, state.step, {k: v for k, v in record.items() if k != "step"}
+            )
             info = (
                 f"loss {stats.loss:.4f}  batches {state.num_batches}  {rate:.1f} prompts/s"
                 + "".join(f"  {k} {v:.4g}" for k, v in stats.extra.items() if k.endswith("loss"))
@@ -315,14 +238,6 @@ def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, f
             for record in history:
                 fh.write(json.dumps(record) + "\n")
     return history
-
-
-def _log(ctx: TrainContext, record: dict[str, float]) -> None:
-    monitor = getattr(ctx.engine, "monitor", None)
-    if monitor is None or not monitor.enabled or not D.is_main():
-        return
-    step = int(record["step"])
-    monitor.write_events([(f"Train/{k}", float(v), step) for k, v in record.items() if k != "step"])
 
 
 def export_model(ctx: TrainContext, path: str | Path) -> Path:

@@ -15,7 +15,7 @@ from maml_ds.data.sampler import TaskSampler
 from maml_ds.losses import scored_loss_sum
 from maml_ds.meta import SharedMomentAdamW, meta_gradient
 from maml_ds.models import build_model, load_tokenizer
-from maml_ds.training.loop import load_training_tasks
+from maml_ds.training import load_training_tasks
 
 
 def reference_update(cfg: RunConfig, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -58,7 +58,7 @@ def reference_update(cfg: RunConfig, world_size: int) -> dict[str, dict[str, tor
             second_order="first-order" if spec.first_order else cfg.meta.second_order,
             adam_state=opt.inner_state(params), betas=cfg.optim.betas, eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay, fd_mode=cfg.meta.fd_mode,
-            fd_rel_scale=cfg.meta.fd_scale,
+            fd_scale=cfg.meta.fd_scale,
         )  # fmt: skip
         opt.load_inner_state(params, result.adam_state)
         for name, g in result.grads.items():

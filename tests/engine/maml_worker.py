@@ -16,8 +16,8 @@ import torch
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig
 from maml_ds.meta import LiveTensorBytes
-from maml_ds.training.loop import fit, setup
-from maml_ds.training.maml import maml_step
+from maml_ds.training import fit, setup, step_function
+from maml_ds.training.zero_layout import PartitionLayout
 
 CASE_DEFAULTS = {
     "zero": "0", "mode": "hvp-fd", "inner": "adamw", "outer": "adamw", "shared": "1",
@@ -88,6 +88,16 @@ def poison_second_task() -> None:
     engine_module.meta_gradient = poisoned
 
 
+def full_state(layout: PartitionLayout, key: str) -> dict[str, torch.Tensor]:
+    """The optimizer state ``key`` (e.g. exp_avg) of every parameter, gathered (by name)."""
+    owners = layout.state_owners()
+    if layout.stage == 0:
+        names = layout.groups[0].names
+        return {n: layout.opt.state[p][key] for n, p in zip(names, owners, strict=True)}
+    local = {k: layout.opt.state[t][key] for k, t in zip(layout.keys, owners, strict=True)}
+    return layout.gather(local, differentiable=False)
+
+
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     data, tokenizer, out, micro = argv[0], argv[1], Path(argv[2]), int(argv[3])
@@ -97,22 +107,23 @@ def main() -> None:
         if parse_case(case)["nan"] == "1":
             poison_second_task()
         if parse_case(case)["measure"] == "1":
-            maml_step(ctx)  # warm-up: optimizer state and layout exist from here on
+            step = step_function(ctx)
+            step(ctx)  # warm-up: optimizer state and layout exist from here on
             with LiveTensorBytes() as counter:
-                maml_step(ctx)
+                step(ctx)
             history, peak = [], counter.peak_bytes
         else:
             history, peak = fit(ctx, stop_after=1), None
-        layout = ctx.layout
+        layout = PartitionLayout(ctx.engine, cfg.deepspeed.zero_stage)
         module = ctx.engine.module
         with deepspeed.zero.GatheredParameters(
             list(module.parameters()), enabled=cfg.deepspeed.zero_stage == 3
         ):
             params = {n: p.detach().clone() for n, p in module.named_parameters()}
-        state_keys = sorted({k for t in layout._state_owners() for k in layout.opt.state[t]})
+        state_keys = sorted({k for t in layout.state_owners() for k in layout.opt.state[t]})
         moments = {}
         if cfg.meta.outer_optimizer == "adamw" and "exp_avg" in state_keys:
-            moments = {key: layout.full_state(key) for key in ("exp_avg", "exp_avg_sq")}
+            moments = {key: full_state(layout, key) for key in ("exp_avg", "exp_avg_sq")}
         torch.save(
             {
                 "params": params,

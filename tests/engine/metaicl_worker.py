@@ -14,7 +14,7 @@ import torch
 
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig
-from maml_ds.training.loop import fit, setup
+from maml_ds.training import fit, setup
 
 
 def full_parameters(engine, stage: int) -> dict[str, torch.Tensor]:

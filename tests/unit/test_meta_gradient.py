@@ -339,7 +339,7 @@ def test_quadratic_closed_form(inner: str) -> None:
     for mode, fd_mode in [*((m_, "one-sided") for m_ in ALL_MODES), ("hvp-fd", "central")]:
         got = meta_gradient(
             quadratic_loss, params, support, query, inner_lr=lr, inner_optimizer=inner,
-            second_order=mode, weight_decay=wd, fd_mode=fd_mode, fd_rel_scale=1e-2,
+            second_order=mode, weight_decay=wd, fd_mode=fd_mode, fd_scale=1e-2,
         ).grads  # fmt: skip
         tolerance = 1e-10 if mode != "first-order" else None
         if tolerance is None:  # first-order misses the (here large) second-order term

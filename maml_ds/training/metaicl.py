@@ -1,0 +1,63 @@
+"""One MetaICL update: GAS micro-batches per rank through the DeepSpeed engine.
+
+Loss contract: the loss of an update is the mean cross-entropy over ALL scored tokens of the
+global batch (every rank, every micro-batch). Each rank scales its token-sum by
+``world_size * accumulation / global_scored_tokens``; DeepSpeed's rank average and its 1/GAS
+scaling then give exactly the global per-token mean, so 2 ranks x micro-batch 1 equals 1 rank
+x micro-batch 2 (tests/engine/test_metaicl.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maml_ds import distributed as D
+from maml_ds.config import RunConfig
+from maml_ds.data.prompts import collate
+from maml_ds.data.reader import Example
+from maml_ds.data.sampler import MetaICLSampler
+from maml_ds.losses import scored_loss_sum
+from maml_ds.training.state import StepStats, TrainContext, encode_prompts, num_loss_tokens
+
+__all__ = ["build_prompt_sampler", "metaicl_step", "scored_token_sum"]
+
+
+def build_prompt_sampler(cfg: RunConfig, tasks: dict[str, list[Example]]) -> MetaICLSampler:
+    return MetaICLSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
+
+
+def scored_token_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the batch of the cross-entropy of every scored token (a scalar)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return scored_loss_sum(logits, batch)[0].sum()
+
+
+def metaicl_step(ctx: TrainContext) -> StepStats:
+    """One optimizer update: GAS micro-batches per rank, a global per-token mean loss."""
+    ds = ctx.cfg.deepspeed
+    world, rank = D.world_size(), D.rank()
+    micro, gas = ds.micro_batch_size, ds.gradient_accumulation_steps
+    # Every rank draws the whole global batch (deterministic) and encodes only what it needs
+    # to count the global scored tokens: a normalisation free of communication.
+    prompts = ctx.sampler.take(gas * world * micro)
+    encoded = encode_prompts(ctx, prompts)
+    total_scored = sum(num_loss_tokens(p) for p in encoded)
+    scale = world * gas / total_scored
+    device = D.device()
+    loss_sum = 0.0
+    for m in range(gas):
+        start = (m * world + rank) * micro
+        batch = collate(encoded[start : start + micro], ctx.tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ctx.engine.set_gradient_accumulation_boundary(m == gas - 1)
+        token_sum = scored_token_sum(ctx.engine, batch)
+        ctx.engine.backward(token_sum * scale)
+        loss_sum += float(token_sum.detach())
+    ctx.engine.step()
+    loss = D.all_reduce_sum(loss_sum) / total_scored
+    return StepStats(
+        loss=loss,
+        num_prompts=len(prompts),
+        num_batches=gas * world,
+        skipped=not ctx.engine.was_step_applied(),
+    )

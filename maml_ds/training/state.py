@@ -1,0 +1,86 @@
+"""What one training run holds (context, counters, per-update stats) and how its prompts become
+batches.
+
+Loss contract shared by every step: a batch's loss is the mean cross-entropy over the scored
+tokens of the GLOBAL batch (all ranks), so each rank needs the global scored-token count
+(`num_loss_tokens` summed over the whole batch, which every rank draws) beside its own slice
+(docs/engine.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maml_ds import distributed as D
+from maml_ds.config import RunConfig
+from maml_ds.data.prompts import PromptFormat, build_training_prompt, collate
+from maml_ds.data.sampler import PromptSpec
+
+__all__ = [
+    "StepStats",
+    "TrainContext",
+    "TrainState",
+    "encode_prompts",
+    "local_task_batch",
+    "num_loss_tokens",
+]
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    """Optimizer updates done (MetaICL steps or meta-updates)."""
+    num_batches: int = 0
+    """Batches processed (MetaICL: micro-batches x ranks; MAML: 2kn per meta-update)."""
+    num_prompts: int = 0
+    num_skipped: int = 0
+    """Updates skipped for a non-finite loss or meta-gradient."""
+
+
+@dataclass
+class StepStats:
+    loss: float
+    num_prompts: int
+    num_batches: int
+    """Batches processed across ranks in this update."""
+    skipped: bool = False
+    """The update was skipped (non-finite loss or gradient)."""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainContext:
+    cfg: RunConfig
+    engine: Any
+    tokenizer: Any
+    prompt_format: PromptFormat
+    sampler: Any
+    state: TrainState
+    out_dir: Path
+
+
+def encode_prompts(ctx: TrainContext, prompts: list[PromptSpec]) -> list:
+    return [
+        build_training_prompt(ctx.tokenizer, p.demonstrations, p.target, ctx.prompt_format)
+        for p in prompts
+    ]
+
+
+def num_loss_tokens(prompt) -> int:
+    """Scored tokens that the loss counts (position 0 has nothing before it)."""
+    return sum(prompt.scored_mask[1:])
+
+
+def local_task_batch(ctx: TrainContext, prompts: list[PromptSpec]) -> dict[str, Any]:
+    """This rank's slice of a global task batch, with the global scored-token count."""
+    encoded = encode_prompts(ctx, prompts)
+    micro = ctx.cfg.deepspeed.micro_batch_size
+    mine = encoded[D.rank() * micro : (D.rank() + 1) * micro]
+    batch = collate(mine, ctx.tokenizer.pad_token_id)
+    batch = {k: v.to(D.device()) for k, v in batch.items()}
+    batch["num_tokens"] = sum(num_loss_tokens(p) for p in encoded)
+    return batch
