@@ -1,9 +1,8 @@
 """MAML-en-LLM through the DeepSpeed engine vs MetaICL: time per batch, where it goes, memory vs n.
 
-One run, one config: a model trained by `maml_ds.training.loop.setup` on a synthetic suite (prompts of
-exactly --seq-len tokens), DeepSpeed at --zero / --precision, buckets of 2e5 elements, this
-process's ranks. Four parts, all through `setup` + the real step functions (`metaicl_step`,
-`maml_ds.training.maml.maml_step`):
+One run, one config: a model trained by `maml_ds.training.setup` on a synthetic suite (prompts
+of exactly --seq-len tokens), DeepSpeed at --zero / --precision, buckets of 2e5 elements, this
+process's ranks. Four parts, all through `setup` + the real step functions (`step_function`):
 
 1. **Speed.** MetaICL, MAML-2-1 and MAML-2-4 (hvp-fd one-sided and first-order), one engine each,
    warmed up, then --repeats rounds with the methods interleaved (order rotated each round).
@@ -13,7 +12,7 @@ process's ranks. Four parts, all through `setup` + the real step functions (`met
 2. **Split.** One more update per method with timers around the engine's pieces (wrapped in this
    process only; exclusive times) and, with --profile, torch.profiler's top ops.
 3. **Memory.** For n in --memory-tasks: this rank's peak of one meta-update after a warm-up
-   (`maml_ds.memory.model.measure_update_peak`: LiveTensorBytes on CPU), the largest over ranks,
+   (`maml_ds.memory.measure_update_peak`: LiveTensorBytes on CPU), the largest over ranks,
    beside the memory model's prediction and the paper's (n+2)*S(theta).
 4. Targets (reported, not asserted): second order <= 1.6x MetaICL per batch, first order
    <= 1.05x, memory flat in n.
@@ -52,15 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maml_ds import distributed as D  # noqa: E402
 from maml_ds.config import RunConfig  # noqa: E402
-from maml_ds.memory.model import (  # noqa: E402
+from maml_ds.memory import (  # noqa: E402
     MEASURE_BUCKET,
     MEASURE_MODEL,
+    MeasureFixture,
     MemorySetup,
     build_report,
-    measure_fixture,
+    measure_run_config,
     measure_update_peak,
     model_facts,
 )
+from maml_ds.training import setup, step_function  # noqa: E402
 
 SPEED_METHODS = ("metaicl", "maml-2-1", "fomaml-2-1", "maml-2-4", "fomaml-2-4")
 TARGETS = {"maml": 1.6, "fomaml": 1.05}
@@ -78,14 +79,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(SPEED_METHODS))
     p.add_argument("--memory-tasks", default="1,2,4,8", help="n values; empty: skip memory")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops per method")
-    p.add_argument(
-        "--what-if",
-        default="",
-        help="comma list of proposed engine changes to measure, patched into this process "
-        "only (docs/engine-bench.md): split-gather = one torch.split of the gathered flat "
-        "vector instead of one slice per parameter; fast-norm = FD norms without a float64 "
-        "copy of every vector",
-    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
@@ -104,31 +97,24 @@ def shared_work_dir() -> Path:
     return Path(holder[0])
 
 
-def make_fixture(work: Path, args: argparse.Namespace) -> tuple[str, str, str]:
-    """(data dir, tokenizer dir, model name) for setup; rank 0 writes them."""
+def make_fixture(work: Path, args: argparse.Namespace) -> MeasureFixture:
+    """The synthetic suite and tokenizer that setup reads; rank 0 writes them."""
+    fixture = MeasureFixture(work / "fixture", args.seq_len)
     with D.main_first():
         if D.is_main():
-            measure_fixture(work / "fixture", args.seed)
-    root = work / "fixture"
-    model = str(root / "model") if args.model == MEASURE_MODEL else args.model
-    return str(root / "data"), str(root / "tokenizer"), model
+            fixture.write(args.seed)
+    return fixture
 
 
 def bench_config(method: str, args: argparse.Namespace, fixture, out: Path) -> RunConfig:
-    data, tokenizer, model = fixture
-    cfg = RunConfig(method=method, max_steps=10**6, seed=args.seed, out_dir=str(out))
-    cfg.deterministic = False
-    cfg.model.name, cfg.model.tokenizer = model, tokenizer
-    cfg.data.data_dir = data
-    cfg.data.num_demonstrations = 32  # every synthetic prompt fills --seq-len (128)
-    cfg.data.max_length = args.seq_len
-    cfg.data.max_length_per_example = min(64, args.seq_len)
+    setup = MemorySetup(
+        method=method, zero_stage=args.zero, precision=args.precision, seq_len=args.seq_len,
+        micro_batch_size=args.micro_batch_size, reduce_bucket_size=MEASURE_BUCKET,
+    )  # fmt: skip
+    cfg = measure_run_config(setup, fixture, out, model=args.model, seed=args.seed)
+    cfg.max_steps = 10**6
     cfg.optim.lr = 1e-4
     cfg.meta.inner_lr = 1e-4
-    ds = cfg.deepspeed
-    ds.zero_stage, ds.precision = args.zero, args.precision
-    ds.micro_batch_size = args.micro_batch_size
-    ds.reduce_bucket_size = ds.allgather_bucket_size = MEASURE_BUCKET
     return cfg
 
 
@@ -177,23 +163,24 @@ class Split:
 
 def install_split(split: Split) -> None:
     import maml_ds.meta.gradient as G
-    import maml_ds.training.loop as T
-    import maml_ds.training.maml as E
+    import maml_ds.training.maml as maml
+    import maml_ds.training.metaicl as metaicl
+    from maml_ds.training.zero_layout import PartitionLayout
 
     def gather_label(a, k):
         return "gather params (fwd)" if k.get("differentiable", True) else "gather meta-grad"
 
-    split.wrap(E.PartitionLayout, "gather", gather_label)
-    split.wrap(E.PartitionLayout, "global_norm", "FD norms (all-reduce)")
-    split.wrap(E.PartitionLayout, "store_moments", "moments in/out")
-    split.wrap(E.PartitionLayout, "inner_moments", "moments in/out")
-    split.wrap(E.PartitionLayout, "snapshot_moments", "moments in/out")
-    split.wrap(E.PartitionLayout, "local_params", "moments in/out")
-    split.wrap(E, "_local_batch", "data")
-    split.wrap(T, "encode_prompts", "data")
-    split.wrap(E, "functional_call", "model forward")
-    split.wrap(E, "scored_loss_sum", "loss")
-    split.wrap(T, "scored_token_sum", "model forward")
+    split.wrap(PartitionLayout, "gather", gather_label)
+    split.wrap(PartitionLayout, "global_norm", "FD norms (all-reduce)")
+    split.wrap(PartitionLayout, "store_moments", "moments in/out")
+    split.wrap(PartitionLayout, "inner_moments", "moments in/out")
+    split.wrap(PartitionLayout, "snapshot_moments", "moments in/out")
+    split.wrap(PartitionLayout, "local_params", "moments in/out")
+    split.wrap(maml.MamlStep, "local_batch", "data")
+    split.wrap(metaicl, "encode_prompts", "data")
+    split.wrap(maml, "functional_call", "model forward")
+    split.wrap(maml, "scored_loss_sum", "loss")
+    split.wrap(metaicl, "scored_token_sum", "model forward")
     split.wrap(G, "_grads", "backward (model + gather)")
     split.wrap(torch.autograd, "backward", "backward (model + gather)")
     split.wrap(G, "inner_step", "inner AdamW step")
@@ -212,76 +199,6 @@ def wrap_engine(ctx, split: Split) -> None:
                 return _original(*a, **k)
 
         setattr(engine, name, wrapped)
-
-
-# --------------------------------------------------------------------------------------------
-# What-if: a proposed engine change, patched into this process only
-# --------------------------------------------------------------------------------------------
-
-
-def install_split_gather() -> None:
-    """PartitionLayout.gather with ONE torch.split of the flat vector instead of a slice per
-    parameter. The backward of N slices builds N zero-filled full-size gradients and adds them
-    up (N x P memory traffic per loss evaluation, 3 full-size buffers alive at the end); the
-    backward of one split is one concatenation (P). Same values, same autograd semantics."""
-    import math
-
-    import maml_ds.training.maml as E
-
-    original = E.PartitionLayout.gather
-
-    def gather(self, local, *, differentiable: bool = True):
-        if any(group.shard_numels is not None for group in self.groups):
-            return original(self, local, differentiable=differentiable)  # ZeRO-3 layout
-        out = {}
-        for key, group in zip(self.keys, self.groups, strict=True):
-            part = E._CompactGradient.apply(local[key]) if differentiable else local[key]
-            start, size = group.starts[self.rank], group.sizes[self.rank]
-            flat = torch.cat(
-                [part.new_zeros(start), part, part.new_zeros(group.flat_numel - start - size)]
-            )
-            if differentiable:
-                flat = E._differentiable_sum_over_ranks(flat)
-            elif self.world > 1:
-                flat = flat.detach().clone()
-                dist.all_reduce(flat)
-            order = sorted(range(len(group.names)), key=lambda j: group.offsets[j])
-            sizes, owners, pos = [], [], 0
-            for j in order:
-                offset, numel = group.offsets[j], math.prod(group.shapes[j])
-                if offset > pos:
-                    sizes.append(offset - pos)
-                    owners.append(None)
-                sizes.append(numel)
-                owners.append(j)
-                pos = offset + numel
-            if pos < flat.numel():
-                sizes.append(flat.numel() - pos)
-                owners.append(None)
-            for j, piece in zip(owners, torch.split(flat, sizes), strict=True):
-                if j is not None:
-                    name = group.names[j]
-                    out[name] = piece.view(group.shapes[j]).to(self.dtype_by_name[name])
-        return out
-
-    E.PartitionLayout.gather = gather
-
-
-def install_fast_norm() -> None:
-    """PartitionLayout.global_norm without `.double().pow(2)` copies of the vector: a float32
-    vector_norm per tensor (cascade summation), squared and summed in float64, all-reduced."""
-    import math
-
-    import maml_ds.training.maml as E
-
-    def global_norm(self, tensors):
-        sq = sum(float(torch.linalg.vector_norm(t.detach())) ** 2 for t in tensors.values())
-        return math.sqrt(D.all_reduce_sum(sq))
-
-    E.PartitionLayout.global_norm = global_norm
-
-
-WHAT_IFS = {"split-gather": install_split_gather, "fast-norm": install_fast_norm}
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,8 +228,6 @@ def timed_update(step, ctx) -> tuple[float, float]:
 
 
 def speed(methods, contexts, args) -> dict[str, Any]:
-    from maml_ds.training.loop import step_function
-
     steps = {m: step_function(contexts[m]) for m in methods}
     for _ in range(args.warmup):
         for m in methods:
@@ -337,8 +252,6 @@ def speed(methods, contexts, args) -> dict[str, Any]:
 
 
 def split_times(methods, contexts, split: Split) -> dict[str, dict[str, float]]:
-    from maml_ds.training.loop import step_function
-
     out = {}
     for m in methods:
         ctx = contexts[m]
@@ -363,8 +276,6 @@ def split_times(methods, contexts, split: Split) -> dict[str, dict[str, float]]:
 def profile_ops(methods, contexts, top: int = 12) -> dict[str, list[tuple[str, float, int]]]:
     from torch.profiler import ProfilerActivity, profile
 
-    from maml_ds.training.loop import step_function
-
     out = {}
     for m in methods:
         ctx = contexts[m]
@@ -381,11 +292,9 @@ def memory(args, fixture, work: Path) -> list[dict[str, Any]]:
     tasks = [int(v) for v in args.memory_tasks.split(",") if v.strip()]
     if not tasks:
         return []
-    tok_vocab = None
-    if args.model != MEASURE_MODEL:
-        from maml_ds.models import load_tokenizer
+    from maml_ds.models import load_tokenizer
 
-        tok_vocab = len(load_tokenizer(fixture[1]))
+    tok_vocab = len(load_tokenizer(fixture.tokenizer_dir))
     facts = model_facts(args.model, vocab_size=tok_vocab)
     rows = []
     for prefix in ("maml", "fomaml"):
@@ -434,8 +343,7 @@ def print_report(result: dict[str, Any]) -> None:
         f"[bold]engine bench[/]: {cfg['model']} ({cfg['num_params']:,} parameters), "
         f"{cfg['world_size']} rank(s), ZeRO-{cfg['zero']}, {cfg['precision']}, seq "
         f"{cfg['seq_len']} x micro-batch {cfg['micro_batch_size']}, {cfg['repeats']} rounds, "
-        f"torch {cfg['torch']} threads {cfg['threads']}"
-        + (f", WHAT-IF {cfg['what_if']} (patched engine)" if cfg.get("what_if") else ""),
+        f"torch {cfg['torch']} threads {cfg['threads']}",
         highlight=False,
     )
     if result.get("speed"):
@@ -503,18 +411,11 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     D.init_distributed()
-    what_ifs = [w.strip() for w in args.what_if.split(",") if w.strip()]
-    for name in what_ifs:
-        if name not in WHAT_IFS:
-            raise SystemExit(f"--what-if {name}: unknown; known: {', '.join(WHAT_IFS)}")
-        WHAT_IFS[name]()
     work = shared_work_dir()
     fixture = make_fixture(work, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "metaicl" not in methods:
         methods.insert(0, "metaicl")
-    from maml_ds.training.loop import setup
-
     contexts = {}
     for m in methods:
         contexts[m] = setup(bench_config(m, args, fixture, work / f"speed-{m}"))
@@ -531,7 +432,6 @@ def main() -> None:
             "repeats": args.repeats,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "what_if": ",".join(what_ifs),
             "argv": sys.argv,
         }
     }

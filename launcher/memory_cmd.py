@@ -1,7 +1,7 @@
 """`maml-ds memory`: the paper's memory formula beside maml-ds's per-GPU memory model.
 
-The numbers come from `maml_ds.memory.model` (the component list lives there); this module parses the
-flags, prints the rich tables, writes the JSON and the plot.
+The numbers come from `maml_ds.memory` (the component list is `maml_ds.memory.model`); this
+module parses the flags, prints the rich tables, writes the JSON and the plot. docs/memory.md.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from maml_ds.config import ConfigError
 
 
 def _gb(value: float | int | None) -> str:
-    from maml_ds.memory.model import GB
+    from maml_ds.memory import GB
 
     return "-" if value is None else f"{value / GB:.3f}"
 
 
 def print_report(report, console: Console) -> None:
-    from maml_ds.memory.model import PHASES
+    from maml_ds.memory import PHASES
 
     s, m = report.setup, report.model
     console.print(
@@ -134,7 +134,7 @@ def write_plot(report, path: Path) -> None:
         raise ConfigError(
             ["--plot needs matplotlib, maml-ds's optional `plot` extra: pip install matplotlib"]
         ) from None
-    from maml_ds.memory.model import GB, MemorySetup, build_report
+    from maml_ds.memory import GB, MemorySetup, build_report
 
     s = report.setup
     ns = [p["num_tasks"] for p in report.vs_num_tasks]
@@ -218,7 +218,7 @@ def memory(
     """Per-GPU memory: the paper's formula and maml-ds's model (parameters, gradients, fp32
     master, shared moments, adapted copy, meta-gradient, activations)."""
     from launcher.errors import fail
-    from maml_ds.memory.model import MeasurementUnavailable, MemorySetup, measure, memory_report
+    from maml_ds.memory import MeasurementUnavailable, MemorySetup, measure, memory_report
 
     console = Console(width=None if Console().is_terminal else 140)
     try:

@@ -1,14 +1,11 @@
-"""Models and tokenizers without downloads.
+"""Models, their configs and tokenizers, without downloads: the one model factory.
 
-``--model`` accepts, in this order:
-
-1. a local folder (``save_pretrained`` output, or a maml-ds run/export folder);
-2. a built-in random-init config: ``tiny`` (2 layers x 64 dims), ``tiny-128`` (2 x 128), or
-   ``random:gpt2`` / ``random:gpt2-medium`` / ``random:gpt2-large`` / ``random:gpt2-xl``
-   (the GPT-2 family architectures, random init);
-3. anything else is a Hugging Face id (e.g. ``gpt2-medium``), downloaded by transformers only
-   because the user named it.
-
+``--model`` accepts, in this order: a local folder (``save_pretrained`` output, or a maml-ds
+run/export folder); a built-in random-init config (``BUILTINS``: ``tiny``, ``tiny-128``, the
+GPT-2 family as ``random:gpt2``.. ``random:gpt2-xl``, and ``measure-4x256``, the model that
+``maml-ds memory --measure`` runs); anything else is a Hugging Face id, downloaded by
+transformers only because the user named it. ``model_config`` + ``model_from_config`` build any
+of them on a real or the meta device (the memory model sizes models this way, docs/memory.md).
 Built-in configs come with a byte-level BPE tokenizer trained locally on the data with
 ``tokenizers`` and saved next to the run, so later commands (eval, adapt) reuse it.
 """
@@ -22,10 +19,11 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
-    GPT2LMHeadModel,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -70,31 +68,29 @@ GPT2_FAMILY: dict[str, Gpt2Arch] = {
     "gpt2-large": Gpt2Arch(36, 1280, 20),
     "gpt2-xl": Gpt2Arch(48, 1600, 25),
 }
-# Tiny configs: vocab_size is replaced by the locally trained tokenizer's size.
-TINY: dict[str, Gpt2Arch] = {
+MEASURE_MODEL = "measure-4x256"
+"""The model ``maml-ds memory --measure`` runs: 4 layers x 256 dims, vocab 4096 (4.2M
+parameters), small enough for a laptop, with parameters (not activations) dominating."""
+BUILTINS: dict[str, Gpt2Arch] = {
+    # vocab_size 0: the locally trained tokenizer's size
     "tiny": Gpt2Arch(2, 64, 2, vocab_size=0),
     "tiny-128": Gpt2Arch(2, 128, 4, vocab_size=0),
+    **{f"random:{name}": arch for name, arch in GPT2_FAMILY.items()},
+    MEASURE_MODEL: Gpt2Arch(4, 256, 4, vocab_size=4096, n_positions=256),
 }
-BUILTIN_NAMES = tuple(TINY) + tuple(f"random:{name}" for name in GPT2_FAMILY)
+"""Random-init models by name: the one model registry."""
+BUILTIN_NAMES = tuple(BUILTINS)
 
 
 def builtin_arch(name: str) -> Gpt2Arch | None:
     """The built-in architecture for a model name (``tiny``, ``random:gpt2``...), or None."""
-    if name in TINY:
-        return TINY[name]
+    if name in BUILTINS:
+        return BUILTINS[name]
     if name.startswith("random:"):
-        base = name.removeprefix("random:")
-        if base not in GPT2_FAMILY:
-            raise ConfigError(
-                [f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_NAMES)}"]
-            )
-        return GPT2_FAMILY[base]
+        raise ConfigError(
+            [f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_NAMES)}"]
+        )
     return None
-
-
-def arch_by_name(name: str) -> Gpt2Arch | None:
-    """Architecture facts for names used by the memory report: gpt2.., tiny, random:gpt2.."""
-    return GPT2_FAMILY.get(name) or builtin_arch(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +186,55 @@ def resolve_tokenizer(
 # --------------------------------------------------------------------------------------------
 
 
+def model_config(name: str, *, vocab_size: int | None = None) -> PretrainedConfig:
+    """The config of a model name, without downloading anything.
+
+    A built-in (``tiny``, ``random:gpt2``, ``measure-4x256``...: ``vocab_size`` is the
+    tokenizer's, rounded up to 64, never below the built-in's own), a GPT-2 family id
+    (``gpt2-medium``: its published architecture) or a local folder / config.json.
+    """
+    path = Path(name)
+    if path.is_dir() or (path.is_file() and path.suffix == ".json"):
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError([f"model folder {path} has no config.json"])
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    arch = builtin_arch(name)
+    if arch is None and name in GPT2_FAMILY:
+        return GPT2_FAMILY[name].to_config()
+    if arch is None:
+        known = ", ".join([*GPT2_FAMILY, *BUILTIN_NAMES])
+        raise ConfigError(
+            [
+                f"unknown model {name!r}: give a built-in config ({known}) or a local folder (or "
+                "config.json) of a Hugging Face model; nothing is downloaded"
+            ]
+        )
+    if arch.vocab_size == 0 and vocab_size is None:
+        raise ConfigError([f"model {name!r} needs the tokenizer's vocab size"])
+    return arch.to_config(max(arch.vocab_size, _round_up(vocab_size or 0, 64)))
+
+
+def model_from_config(
+    config: PretrainedConfig,
+    *,
+    attn_implementation: str = "eager",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``config``, cast to ``dtype`` once built.
+
+    It is initialised in ``config.dtype`` (unset, i.e. fp32, for the built-ins); the one place
+    that sets the attention kernel. ``device="meta"`` allocates nothing; ``seed`` initialises
+    from ``torch.manual_seed(seed)`` without touching the caller's RNG.
+    """
+    with torch.random.fork_rng(devices=[], enabled=seed is not None), torch.device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.to(dtype)
+
+
 def build_model(
     model_name: str,
     *,
@@ -204,9 +249,7 @@ def build_model(
     ``dropout`` overrides GPT-2's resid/embd/attn dropout (None keeps the model's own).
     """
     overrides = {} if dropout is None else {k: dropout for k in _DROPOUT_KEYS}
-    path = Path(model_name)
-    arch = None if path.is_dir() else builtin_arch(model_name)
-    if arch is None:
+    if Path(model_name).is_dir() or builtin_arch(model_name) is None:
         model = _from_pretrained(model_name, attn_implementation, dtype)
         for key, value in overrides.items():
             if hasattr(model.config, key):
@@ -215,17 +258,12 @@ def build_model(
             if isinstance(module, torch.nn.Dropout) and dropout is not None:
                 module.p = dropout
         return model
-    if arch.vocab_size == 0 and vocab_size is None:
-        raise ConfigError([f"model {model_name!r} needs the tokenizer's vocab size"])
-    vocab = max(arch.vocab_size, _round_up(vocab_size or 0, 64))
-    config = arch.to_config(vocab)
+    config = model_config(model_name, vocab_size=vocab_size)
     for key, value in overrides.items():
         setattr(config, key, value)
-    config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    return model.to(dtype)
+    return model_from_config(
+        config, attn_implementation=attn_implementation, dtype=dtype, seed=seed
+    )
 
 
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")

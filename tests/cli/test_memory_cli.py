@@ -142,7 +142,7 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_measure_metaicl_matches_prediction(tmp_path):
-    """Real MetaICL steps through deepspeed.initialize (1 CPU process) vs the model: 15%.
+    """Real MetaICL steps (setup + metaicl_step, 1 CPU process) vs the model: 15%.
 
     --precision fp16 is measured with bf16 on CPU (same bytes per element; noted in the output).
     """
@@ -178,7 +178,7 @@ def test_measure_metaicl_matches_prediction(tmp_path):
 
 
 def test_measure_maml_matches_prediction(tmp_path):
-    """Real meta-updates (setup + maml_ds.training.maml.maml_step, 1 CPU process, ZeRO-2, bf16,
+    """Real meta-updates (setup + maml_ds.training.maml.MamlStep, 1 CPU process, ZeRO-2, bf16,
     hvp-fd) of the measure model for n = 1, 2 vs the model: 15%; memory flat in n."""
     out = tmp_path / "m.json"
     proc = maml_ds(

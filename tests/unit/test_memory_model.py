@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maml_ds.config import ConfigError
-from maml_ds.memory.model import (
+from maml_ds.memory import (
     COMPONENTS,
     GB,
     MemorySetup,
@@ -222,7 +222,7 @@ MEASURED_CPU = {
 
 @pytest.mark.parametrize("case", sorted(MEASURED_CPU))
 def test_model_reproduces_cpu_measurements(case):
-    from maml_ds.memory.model import MEASURE_BUCKET, MEASURE_MODEL
+    from maml_ds.memory import MEASURE_BUCKET, MEASURE_MODEL
 
     method, stage, precision, world = case
     facts = model_facts(MEASURE_MODEL)
@@ -305,18 +305,16 @@ def test_errors(medium, tmp_path):
 
 def test_activation_count_matches_a_real_forward():
     """The meta-device count equals the bytes a real CPU forward keeps alive for backward."""
-    from maml_ds.memory.model import all_token_loss
+    from maml_ds.memory import all_token_loss
     from maml_ds.meta.live_bytes import LiveTensorBytes
+    from maml_ds.models import model_from_config
 
     config = load_model_config("tiny", vocab_size=512)
-    config._attn_implementation = "eager"
     predicted = count_activation_bytes(
         config, seq_len=48, micro_batch_size=2, precision="fp32", attn_implementation="eager"
     )
-    from transformers import GPT2LMHeadModel
-
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
+    model = model_from_config(config, attn_implementation="eager", seed=0)
     ids = torch.randint(0, 512, (2, 48))
     with LiveTensorBytes() as mem:
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
@@ -334,3 +332,16 @@ def test_report_is_json(medium):
     assert data["model"]["num_params"] == medium.num_params
     assert data["setup"]["world_size"] == 8
     assert {r["key"] for r in data["rows"]} == {c.key for c in COMPONENTS}
+
+
+def test_measure_model_is_a_builtin():
+    """The model --measure runs comes from the one registry (maml_ds.models), built as training
+    builds it; the meta-device count equals the real model's."""
+    from maml_ds.memory import MEASURE_MODEL
+    from maml_ds.models import build_model
+
+    facts = model_facts(MEASURE_MODEL)
+    assert facts.num_params == 4_273_664  # docs/memory.md
+    real = build_model(MEASURE_MODEL, vocab_size=512)  # the fixture's tokenizer: vocab stays 4096
+    assert real.config.vocab_size == facts.vocab_size == 4096
+    assert sum(p.numel() for p in real.parameters()) == facts.num_params
