@@ -28,13 +28,14 @@ def _root(
 # --------------------------------------------------------------------------------------------
 # Commands registered from their own modules (one line each)
 # --------------------------------------------------------------------------------------------
+from launcher.config_flags import SectionedHelp  # noqa: E402
 from launcher.data_cmd import data_app  # noqa: E402
 from launcher.eval_cmd import adapt_command, compare_command, eval_command  # noqa: E402
 from launcher.launch import launch  # noqa: E402
 from launcher.memory_cmd import memory  # noqa: E402
 from launcher.train_cmd import train_command  # noqa: E402
 
-app.command("train")(train_command)
+app.command("train", cls=SectionedHelp)(train_command)
 app.command("eval")(eval_command)
 app.command("adapt")(adapt_command)
 app.command("compare")(compare_command)

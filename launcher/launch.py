@@ -1,34 +1,21 @@
 """`maml-ds launch`: resolve one RunConfig, write the run folder, print and run `deepspeed`.
 
-The run folder gets everything a rank needs and a person wants to read afterwards:
-
-    RUN/config.json      the resolved RunConfig (`maml-ds train --config RUN/config.json`)
-    RUN/ds_config.json   the DeepSpeed JSON the ranks build from it (build_deepspeed_config)
-    RUN/hostfile         DeepSpeed's `HOST slots=N` format, generated or validated
-    RUN/launch.sh        the exact command, with its environment, to run it again
-
-Then it prints the `deepspeed` command and, unless --dry-run, runs it and exits with its code.
-The ranks run the `maml-ds` console script (`python -u maml-ds --local_rank=R train ...`; the
-root command accepts and ignores --local_rank, so --no_local_rank is not needed).
-
-Three ways to start ranks:
-- one node: a local launch (`--master_addr 127.0.0.1 --no_ssh_check`, no ssh at all);
-- several nodes over ssh (DeepSpeed's pdsh launcher): run `maml-ds launch` once, on node 0;
-- several nodes without ssh (`--no-ssh --node-rank R`): run `maml-ds launch` on every node with
-  the same flags and its own --node-rank (what a scheduler does; the tests start two "nodes" on
-  localhost this way).
-The run folder must be on a file system every node sees (checkpoints are written there).
+The run folder holds what a rank needs (config.json: every rank runs `maml-ds train --config
+RUN/config.json`) and what a person reads afterwards (ds_config.json, hostfile, launch.sh). The
+`maml-ds train` options after `--` are parsed with train's own flags (launcher/config_flags.py)
+and written into config.json, so a typo fails once, here. One node runs locally; several nodes
+run over ssh (pdsh, from node 0) or without it (`--no-ssh --node-rank R`, one launch per node,
+the run folder on a shared file system). See docs/launch.md.
 """
 
 from __future__ import annotations
 
-import inspect
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from launcher.config_flags import apply_flags, parse_options
+from launcher.errors import fail
 from launcher.hostfile import (
     HostEntry,
     check_resources,
@@ -46,7 +35,9 @@ from launcher.hostfile import (
     read_hostfile,
 )
 from launcher.presets import Preset, apply_preset, check_precision, resolve_preset
-from maml_ds.config import ConfigError, RunConfig, build_deepspeed_config, parse_method
+from launcher.train_cmd import train_command
+from maml_ds.config import ConfigError, RunConfig, build_deepspeed_config
+from maml_ds.files import write_atomic
 
 CONFIG_FILE = "config.json"
 DS_CONFIG_FILE = "ds_config.json"
@@ -75,6 +66,8 @@ class LaunchPlan:
     num_nodes: int
     gpus_per_node: int
     argv: list[str]
+    resume: bool = False
+    """`-- --resume`: the ranks continue from the run's latest checkpoint."""
     env: dict[str, str] = field(default_factory=dict)
     """Variables the ranks need on top of the current environment."""
     notes: list[str] = field(default_factory=list)
@@ -109,29 +102,15 @@ def _executable(name: str) -> str:
     return found
 
 
-def apply_train_options(cfg: RunConfig, options: list[str]) -> RunConfig:
-    """Parse the `maml-ds train` options given after `--` and apply them to cfg.
+def apply_train_options(cfg: RunConfig, options: list[str]) -> tuple[bool, int | None]:
+    """Apply the `maml-ds train` options given after `--` to cfg (in place).
 
-    They are parsed by the train command itself (so typos fail here, before any rank starts)
-    and applied with the same function train uses (`launcher.train_cmd.build_run_config`), so
-    RUN/config.json and RUN/ds_config.json describe exactly what the ranks will run.
+    Returns the two that are not settings but say what the ranks do: (--resume, --stop-after).
     """
-    if not options:
-        return cfg
-    from launcher import cli, train_cmd
-
-    command = typer.main.get_command(cli.app).commands["train"]  # type: ignore[attr-defined]
     try:
-        ctx = command.make_context("train", list(options))
-    except typer.Exit:
-        raise ConfigError(
-            ["train options after `--`: the train options are listed above (--help is not one)"]
-        ) from None
-    except Exception as err:  # click's UsageError family (typer vendors click)
-        if not hasattr(err, "format_message"):
-            raise
-        raise ConfigError([f"train options after `--`: {err.format_message()}"]) from None
-    params = dict(ctx.params)
+        params = parse_options(train_command, "train", options)
+    except ConfigError as err:
+        raise ConfigError([f"train options after `--`: {p}" for p in err.problems]) from None
     problems = [
         f"`--{name.replace('_', '-')}` after `--` is set by launch: {why}"
         for name, why in OWNED_TRAIN_FLAGS.items()
@@ -139,18 +118,8 @@ def apply_train_options(cfg: RunConfig, options: list[str]) -> RunConfig:
     ]
     if problems:
         raise ConfigError(problems)
-    lr, outer_lr = params.pop("lr", None), params.pop("outer_lr", None)
-    if lr is not None and outer_lr is not None and lr != outer_lr:
-        raise ConfigError(["train options after `--`: give --lr or --outer-lr, not both"])
-    params["lr"] = lr if lr is not None else outer_lr
-    params["shared_moments"] = False if params.pop("no_shared_moments", False) else None
-    accepted = inspect.signature(train_cmd.build_run_config).parameters
-    kwargs = {name: params.get(name) for name in accepted}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CONFIG_FILE
-        cfg.save(path)
-        kwargs["config"] = path
-        return train_cmd.build_run_config(**kwargs)
+    apply_flags(cfg, params)
+    return bool(params["resume"]), params["stop_after"]
 
 
 def _absolute_paths(cfg: RunConfig) -> None:
@@ -192,7 +161,10 @@ def plan_launch(
     node_rank: int | None = None,
     train_options: list[str] | None = None,
 ) -> LaunchPlan:
-    """Resolve the flags into a LaunchPlan; raise one ConfigError listing every problem."""
+    """Resolve the flags into a LaunchPlan; raise one ConfigError listing every problem.
+
+    The run's own rules are RunConfig.validate's; only what concerns starting ranks is here.
+    """
     problems: list[str] = []
     if nodes < 1:
         problems.append(f"--nodes must be >= 1, got {nodes}")
@@ -217,24 +189,26 @@ def plan_launch(
             problems.append(
                 "--no-ssh needs --run-dir (every node's launch must name the same run folder)"
             )
+    cfg = RunConfig(method=method)
     preset_obj: Preset | None = None
     try:
         preset_obj = resolve_preset(preset)
-    except ConfigError as err:
-        problems.extend(err.problems)
-    try:
-        parse_method(method)
-    except ConfigError as err:
-        problems.extend(err.problems)
-    if zero is not None and zero not in (0, 1, 2, 3):
-        problems.append(f"--zero must be 0, 1, 2 or 3, got {zero}")
-    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
-        problems.append(f"--precision must be fp32, fp16 or bf16, got {precision!r}")
-    elif precision is not None and preset_obj is not None:
-        try:
+        apply_preset(cfg, preset_obj)
+        if precision is not None:
             check_precision(preset_obj, precision)
-        except ConfigError as err:
-            problems.extend(err.problems)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if zero is not None:
+        cfg.deepspeed.zero_stage = zero
+    if precision is not None:
+        cfg.deepspeed.precision = precision  # type: ignore[assignment]
+    resume, stop_after = False, None
+    try:
+        resume, stop_after = apply_train_options(cfg, list(train_options or []))
+    except ConfigError as err:
+        problems.extend(err.problems)
+    _absolute_paths(cfg)
+    problems.extend(cfg.problems())
     entries: list[HostEntry] = []
     if nodes >= 1 and gpus >= 1 and not (hostfile is not None and hosts is not None):
         try:
@@ -245,28 +219,14 @@ def plan_launch(
         raise ConfigError(problems)
     assert preset_obj is not None
 
-    cfg = apply_preset(RunConfig(method=method), preset_obj)
-    if zero is not None:
-        cfg.deepspeed.zero_stage = zero
-    if precision is not None:
-        cfg.deepspeed.precision = precision  # type: ignore[assignment]
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{parse_method(method).name}-{stamp}"
+        run_dir = Path("runs") / f"{cfg.method_spec.name}-{stamp}"
     run_dir = run_dir.expanduser().resolve()
     cfg.out_dir = str(run_dir)
-    cfg = apply_train_options(cfg, list(train_options or []))
-    _absolute_paths(cfg)
-    cfg.validate()
     world = nodes * gpus
     ds_config = build_deepspeed_config(cfg, world)
 
-    notes: list[str] = []
-    if cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision != "fp32":
-        notes.append(
-            "ZeRO-0 with fp16/bf16 wraps the client optimizer in DeepSpeed's mixed-precision "
-            "optimizer, which steps it once at start-up (deepspeed-notes.md); prefer --zero 1"
-        )
     argv = [_executable("deepspeed"), "--hostfile", str(run_dir / HOSTFILE)]
     if no_ssh:
         addr = master_addr or _default_master_addr(entries[0].host)
@@ -282,11 +242,16 @@ def plan_launch(
         "--num_gpus", str(gpus),
         "--master_port", str(master_port),
         _executable("maml-ds"), "train", "--config", str(run_dir / CONFIG_FILE),
-        *(train_options or []),
     ]  # fmt: skip
+    # Not settings, so not in config.json: what this start of the ranks does.
+    if resume:
+        argv.append("--resume")
+    if stop_after is not None:
+        argv += ["--stop-after", str(stop_after)]
     return LaunchPlan(
-        run_dir, cfg, ds_config, entries, preset_obj, nodes, gpus, argv, dict(preset_obj.env), notes
-    )
+        run_dir, cfg, ds_config, entries, preset_obj, nodes, gpus, argv, resume,
+        dict(preset_obj.env),
+    )  # fmt: skip
 
 
 def _default_master_addr(first_host: str) -> str:
@@ -298,35 +263,22 @@ def _default_master_addr(first_host: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    # Every node of a --no-ssh launch writes the same files into the shared run folder.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    if mode is not None:
-        tmp.chmod(mode)
-    os.replace(tmp, path)
-
-
 def write_run_folder(plan: LaunchPlan) -> None:
-    import json
-
+    # Atomic writes: every node of a --no-ssh launch writes the same files into the shared folder.
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = Path(tmp) / CONFIG_FILE
-        plan.config.save(cfg_path)
-        _write_atomic(plan.run_dir / CONFIG_FILE, cfg_path.read_text())
-    _write_atomic(plan.run_dir / DS_CONFIG_FILE, json.dumps(plan.ds_config, indent=2) + "\n")
-    _write_atomic(plan.run_dir / HOSTFILE, format_hostfile(plan.hosts))
+    plan.config.save(plan.run_dir / CONFIG_FILE)
+    write_atomic(plan.run_dir / DS_CONFIG_FILE, json.dumps(plan.ds_config, indent=2) + "\n")
+    write_atomic(plan.run_dir / HOSTFILE, format_hostfile(plan.hosts))
     script = f"#!/usr/bin/env bash\n# written by maml-ds launch\n{plan.command_line()}\n"
-    _write_atomic(plan.run_dir / COMMAND_FILE, script, mode=0o755)
+    write_atomic(plan.run_dir / COMMAND_FILE, script, mode=0o755)
 
 
-def check_before_run(plan: LaunchPlan, train_options: list[str]) -> None:
+def check_before_run(plan: LaunchPlan) -> None:
     """Problems a real launch would only meet in every rank: catch them once, here."""
-    from maml_ds.training.checkpoint import latest_tag
+    from maml_ds.training import CHECKPOINTS, checkpoint
 
     problems = []
-    if latest_tag(plan.run_dir / "checkpoints") is not None and "--resume" not in train_options:
+    if checkpoint.latest_tag(plan.run_dir / CHECKPOINTS) is not None and not plan.resume:
         problems.append(
             f"{plan.run_dir} already holds checkpoints: add `-- --resume` to continue that run, "
             "or choose another --run-dir"
@@ -342,12 +294,13 @@ def check_before_run(plan: LaunchPlan, train_options: list[str]) -> None:
 
 
 def memory_note(plan: LaunchPlan) -> str | None:
-    """One line: the memory model's per-GPU peak for this run, and a warning if it does not fit."""
-    from maml_ds.memory.model import GB, MemorySetup, memory_report
+    """One line: the memory model's per-GPU peak for this run, and a warning if it does not fit.
+
+    None where the memory model does not cover the run (its ConfigError says why).
+    """
+    from maml_ds.memory import GB, MemorySetup, memory_report
 
     cfg = plan.config
-    if cfg.meta.second_order not in ("hvp-fd", "first-order") and cfg.method_spec.kind == "maml":
-        return None  # exact / hvp: not modelled (docs/memory.md)
     try:
         report = memory_report(
             cfg.model.name,
@@ -365,7 +318,7 @@ def memory_note(plan: LaunchPlan) -> str | None:
             ),
         )
     except (ConfigError, OSError, ValueError):
-        return None  # a model the report cannot size from its config alone
+        return None  # a setup the memory model does not cover, or cannot size from a config
     peak = report.predicted_peak_bytes / GB
     line = f"memory model: {peak:.2f} GB per rank predicted peak (`maml-ds memory` for details)"
     limit = plan.preset.device_memory_gb
@@ -444,10 +397,7 @@ def launch(
     Example: maml-ds launch --nodes 2 --gpus 8 --hostfile hostfiles/v100-2x8 --method maml-2-4
     --preset v100-32gb -- --data data/metaicl --setting hr_to_lr --max-steps 30000
     """
-    from launcher.errors import fail
-
     console = Console(stderr=True)
-    options = list(train_options or [])
     try:
         plan = plan_launch(
             method=method,
@@ -463,10 +413,10 @@ def launch(
             run_dir=run_dir,
             no_ssh=no_ssh,
             node_rank=node_rank,
-            train_options=options,
+            train_options=list(train_options or []),
         )
         if not dry_run:
-            check_before_run(plan, options)
+            check_before_run(plan)
     except ConfigError as err:
         raise fail(str(err)) from None
     if plan.preset.accelerator == "cpu" and _cuda_visible():

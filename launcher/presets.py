@@ -1,13 +1,10 @@
 """Hardware presets for `maml-ds launch`: a DeepSpeed JSON each, plus what JSON cannot say.
 
-Source of truth: ``launcher/ds_configs/<name>.json`` (package data, what an installed maml-ds
-loads). The repository's top-level ``ds_configs/`` holds byte-identical copies for readers;
-tests/cli/test_launch.py fails when they drift (fix: ``cp launcher/ds_configs/*.json ds_configs/``).
-
-A preset JSON is a fragment of the DeepSpeed config that `maml_ds.config.build_deepspeed_config`
-produces, never a second way to build one: `apply_preset` reads it into the typed
-`RunConfig.deepspeed` fields, and `check_preset_is_reproduced` verifies that the builder gives
-back every key the file sets. A key the builder does not produce is an error naming it.
+The JSONs live once, in the repository's ``ds_configs/``; ``launcher/ds_configs`` is a relative
+symlink to it, so they are package data (a wheel holds the files). A preset JSON is a fragment
+of what `maml_ds.config.build_deepspeed_config` produces, never a second builder: `apply_preset`
+reads it into `RunConfig.deepspeed`, and `check_preset_is_reproduced` verifies that the builder
+gives back every key the file sets. See docs/launch.md ("Presets").
 """
 
 from __future__ import annotations
@@ -16,9 +13,9 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from maml_ds.config import ConfigError, RunConfig, build_deepspeed_config
+from maml_ds.config import ConfigError, Precision, RunConfig, build_deepspeed_config
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,8 @@ def _diff(want: dict[str, Any], got: dict[str, Any], prefix: str = ""):
 
 
 def check_precision(preset: Preset, precision: str) -> None:
-    if precision not in preset.precisions:
+    """A precision the preset's hardware lacks is an error (an unknown one is RunConfig's)."""
+    if precision in get_args(Precision) and precision not in preset.precisions:
         why = {
             "bf16": " (V100 has no bf16: use fp16, with dynamic loss scaling)",
             "fp16": " (fp16 needs a GPU)",

@@ -1,10 +1,10 @@
-"""Typed configuration for every maml-ds run, validated at the edge.
+"""Typed configuration for every maml-ds run: the one place a setting is defined.
 
-One dataclass tree (:class:`RunConfig`) says what a run accepts. The CLI builds it, calls
-:meth:`RunConfig.validate` (which collects *every* problem into one :class:`ConfigError`, each
-with the flag that fixes it) and writes the resolved tree into the run folder. Nothing deeper
-reads raw dicts. The DeepSpeed JSON is built from this tree by :func:`build_deepspeed_config`
-and nowhere else.
+:class:`RunConfig` says what a run accepts: each field, with its docstring, is also a
+`maml-ds train` flag (launcher/config_flags.py derives them). :meth:`RunConfig.validate` collects
+*every* problem into one :class:`ConfigError`, each naming the flag that fixes it; the rules the
+engine imposes live in :func:`engine_problems`. The DeepSpeed JSON is built here
+(:func:`build_deepspeed_config`) and nowhere else. See docs/launch.md.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from maml_ds.files import write_atomic
 from maml_ds.meta.gradient import FdMode, SecondOrder
 from maml_ds.meta.optim import OptimizerName
 
 Precision = Literal["fp32", "fp16", "bf16"]
+ZERO_STAGES = (0, 1, 2, 3)
 Variant = Literal["direct", "channel"]
 
 
@@ -93,12 +95,23 @@ def parse_method(text: str) -> MethodSpec:
     )
 
 
+def deepspeed_problems(zero_stage: int, precision: str) -> list[str]:
+    """Out-of-range ZeRO stage or precision (shared by :meth:`RunConfig.problems` and the memory
+    model)."""
+    out: list[str] = []
+    if zero_stage not in ZERO_STAGES:
+        out.append(f"--zero must be 0, 1, 2 or 3, got {zero_stage}")
+    if precision not in get_args(Precision):
+        out.append(f"--precision must be fp32, fp16 or bf16, got {precision!r}")
+    return out
+
+
 def engine_problems(
     spec: MethodSpec, zero_stage: int, precision: str, second_order: str
 ) -> list[str]:
     """What the training engine cannot run: the one place these rules live.
 
-    Used by :meth:`RunConfig.problems`, the memory model and ``launch``.
+    Used by :meth:`RunConfig.problems` and the memory model.
     """
     if spec.kind != "maml":
         return []
@@ -130,6 +143,8 @@ def engine_problems(
 
 @dataclass
 class ModelConfig:
+    """Model and tokenizer."""
+
     name: str = "tiny"
     """A built-in config (tiny, small-test, gpt2, gpt2-medium, gpt2-large, gpt2-xl: random
     init), a local model folder, or a Hugging Face id (downloaded only because you asked)."""
@@ -145,79 +160,110 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """Meta-training data and prompts."""
+
     data_dir: str = "data/synthetic"
-    """MetaICL-format data folder (``{task}/{task}_{k}_{seed}_{split}.jsonl``)."""
+    """MetaICL-format data folder ({task}/{task}_{k}_{seed}_{split}.jsonl)."""
     setting: str = "synthetic"
-    """Setting name (built-in MetaICL names, or ``{data_dir}/config/{name}.json``) or a path."""
+    """Setting name (built-in MetaICL names, or {data_dir}/config/{name}.json) or a path."""
     variant: Variant = "direct"
     """Prompt variant: direct (score the output) or channel (score the input)."""
     num_demonstrations: int = 16
     """k demonstrations per prompt (MetaICL: 16)."""
     max_length_per_example: int = 256
+    """Token cap of one demonstration or test example (MetaICL: 256)."""
     max_length: int = 1024
+    """Token cap of a whole prompt (MetaICL: 1024)."""
     train_fraction: float = 1.0
     """Limited-data setting (paper 5.1): keep this share of each training task, stratified."""
     max_examples_per_task: int | None = None
-    """Cap on meta-training examples read per task (None: all)."""
+    """Cap on meta-training examples read per task (default: all)."""
 
 
 @dataclass
 class OptimConfig:
+    """Outer (meta) optimizer and LR schedule."""
+
     lr: float = 1e-5
     """Outer (meta) learning rate; MetaICL's lr for --method metaicl."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the outer optimizer."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (first and second moment), shared by the inner optimizer."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     warmup_steps: int = 0
+    """Linear LR warm-up, in optimizer updates."""
     schedule: Literal["linear", "constant"] = "linear"
     """linear: decay to 0 at max_steps (MetaICL); constant: no decay."""
     gradient_clipping: float | None = None
-    """Global-norm clipping; None = the method's default (MetaICL 1.0; MAML off, as in the
-    paper); 0 = off."""
+    """Global-norm clipping; default: the method's (MetaICL 1.0; MAML off, as in the paper);
+    0 = off."""
 
 
 @dataclass
 class MetaConfig:
-    """MAML-en-LLM options (ignored by --method metaicl)."""
+    """MAML-en-LLM, ignored by --method metaicl."""
 
     inner_lr: float = 1e-5
+    """Learning rate of the inner (support-set) steps."""
     second_order: SecondOrder = "hvp-fd"
+    """How the meta-gradient's second-order term is computed (docs/meta-gradient.md)."""
     fd_mode: FdMode = "one-sided"
+    """Finite-difference HVP scheme for --second-order hvp-fd."""
     fd_scale: float | None = None
-    """Finite-difference step r: ||eps*w|| = r * ||theta||; None = the measured default of the
+    """Finite-difference step r: ||eps*w|| = r * ||theta||; default: the measured one of the
     compute dtype and fd_mode (docs/meta-gradient.md; fp32 one-sided 1e-5)."""
     inner_optimizer: OptimizerName = "adamw"
+    """Optimizer of the inner steps."""
     outer_optimizer: OptimizerName = "adamw"
+    """Optimizer of the meta-update."""
     shared_moments: bool = True
+    """Inner and outer AdamW share their moments (--no-shared-moments: fresh inner state per
+    meta-update)."""
 
 
 @dataclass
 class DeepSpeedOptions:
+    """DeepSpeed engine."""
+
     zero_stage: int = 0
+    """ZeRO stage: 0, 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""
     precision: Precision = "fp32"
+    """Compute precision; fp16 uses dynamic loss scaling."""
     micro_batch_size: int = 1
     """Prompts per rank per forward pass (MetaICL: 1)."""
     gradient_accumulation_steps: int = 1
     """MetaICL only: micro-batches per optimizer step."""
     reduce_bucket_size: int = 50_000_000
+    """ZeRO reduce bucket, in elements (also ZeRO-3's prefetch bucket)."""
     allgather_bucket_size: int = 50_000_000
+    """ZeRO-1/2 all-gather bucket, in elements."""
     stage3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters smaller than this (elements) stay unpartitioned."""
     loss_scale_window: int = 1000
+    """fp16: overflow-free steps before the loss scale grows."""
     initial_scale_power: int = 16
+    """fp16: the initial loss scale is 2**this."""
 
 
 @dataclass
 class RunConfig:
+    """One run: the method, its folder, length and seed, and a section per component."""
+
     method: str = "metaicl"
-    """metaicl | maml-2k-n | fomaml-2k-n."""
+    """metaicl | maml-2k-n | fomaml-2k-n (k support + k query batches per task, n tasks per
+    meta-update)."""
     out_dir: str = "runs/demo"
+    """Run folder: config, checkpoints, history, the exported model."""
     max_steps: int = 100
     """Optimizer updates: MetaICL steps or meta-updates."""
     seed: int = 100
+    """Seed of the model initialisation, the task sampler and --train-fraction subsampling."""
     save_every: int = 0
     """Checkpoint every N updates (0: only at the end)."""
-    log_every: int = 1
     deterministic: bool = True
+    """Deterministic torch algorithms (exact resume and reproducible losses)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -287,10 +333,7 @@ class RunConfig:
             out.append(f"--fd-mode must be one-sided or central, got {m.fd_mode!r}")
         if m.fd_scale is not None and not 0.0 < m.fd_scale < 1.0:
             out.append(f"--fd-scale must be in (0, 1), got {m.fd_scale}")
-        if ds.zero_stage not in (0, 1, 2, 3):
-            out.append(f"--zero must be 0, 1, 2 or 3, got {ds.zero_stage}")
-        if ds.precision not in get_args(Precision):
-            out.append(f"--precision must be fp32, fp16 or bf16, got {ds.precision!r}")
+        out.extend(deepspeed_problems(ds.zero_stage, ds.precision))
         if ds.micro_batch_size < 1:
             out.append(f"--micro-batch-size must be >= 1, got {ds.micro_batch_size}")
         if ds.gradient_accumulation_steps < 1:
@@ -323,7 +366,7 @@ class RunConfig:
         return _from_dict(cls, data, "")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -382,7 +425,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds = cfg.deepspeed
     spec = cfg.method_spec
     # A MAML meta-update is one engine.backward of the task-mean meta-gradient and one step
-    # (the engine accumulates the n tasks in this rank's partition, maml_ds/engine.py).
+    # (the n tasks accumulate in this rank's partition, maml_ds/training/maml.py).
     gas = ds.gradient_accumulation_steps if spec.kind == "metaicl" else 1
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,

@@ -17,7 +17,7 @@ fi
 "$BIN/deepspeed" --num_gpus 2 "$BIN/maml-ds" train \
   --method "$METHOD" --data "$DATA" --setting synthetic --model tiny --out "$RUN" \
   --max-steps "$STEPS" --micro-batch-size 4 --k 16 --lr 1e-3 --inner-lr 1e-3
-"$BIN/maml-ds" eval --model "$RUN" --data "$DATA" --setting synthetic --method direct
-"$BIN/maml-ds" eval --model "$RUN" --data "$DATA" --setting synthetic --method direct \
+"$BIN/maml-ds" eval --model "$RUN" --data "$DATA" --setting synthetic --variant direct
+"$BIN/maml-ds" eval --model "$RUN" --data "$DATA" --setting synthetic --variant direct \
   --baseline no-icl
 echo "run folder: $RUN"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import shlex
 import subprocess
@@ -100,9 +99,7 @@ def test_train_config_reads_the_written_config(tmp_path):
 
     _, run = dry_run(tmp_path, "--method", "fomaml-2-1", "--gpus", "2", "--", "--max-steps", "7")
     written = RunConfig.load(run / "config.json")
-    kwargs = {name: None for name in inspect.signature(build_run_config).parameters}
-    kwargs["config"] = run / "config.json"
-    assert build_run_config(**kwargs).to_dict() == written.to_dict()
+    assert build_run_config(run / "config.json", {}).to_dict() == written.to_dict()
     assert written.max_steps == 7
 
 
@@ -133,17 +130,17 @@ def test_cpu_preset_and_train_options(tmp_path):
     assert ds["train_batch_size"] == 2 * 4 * 2
     cfg = RunConfig.load(run / "config.json")
     assert cfg.max_steps == 3 and cfg.data.data_dir == str(Path("somewhere").resolve())
+    # the options live in config.json only: the ranks get nothing else
     args = deepspeed_args(argv)
-    assert args.user_args[-8:] == [
-        "--max-steps",
-        "3",
-        "--micro-batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        "4",
-        "--data",
-        "somewhere",
-    ]
+    assert args.user_args == ["train", "--config", str(run.resolve() / "config.json")]
+
+
+def test_resume_and_stop_after_reach_the_ranks(tmp_path):
+    """Not settings (not in config.json): what this start of the ranks does."""
+    result, run = dry_run(tmp_path, "--method", "metaicl", "--", "--resume", "--stop-after", "5")
+    args = deepspeed_args(command_argv(result.stdout)[1])
+    config = str(run.resolve() / "config.json")
+    assert args.user_args == ["train", "--config", config, "--resume", "--stop-after", "5"]
 
 
 def test_overrides_and_presets(tmp_path):
@@ -378,12 +375,10 @@ def test_v100_presets_are_fp16_with_dynamic_loss_scaling():
     assert PRESETS["cpu"].env == {"DS_ACCELERATOR": "cpu"}
 
 
-def test_repo_ds_configs_mirror_the_package_data():
-    """Top-level ds_configs/ is a byte-identical copy of launcher/ds_configs/ (the source)."""
-    package = {p.name: p.read_bytes() for p in preset_dir().glob("*.json")}
-    mirror = {p.name: p.read_bytes() for p in (REPO / "ds_configs").glob("*.json")}
-    assert package == mirror, "run: cp launcher/ds_configs/*.json ds_configs/"
-    assert set(package) == {p.file for p in PRESETS.values()}
+def test_presets_are_kept_once():
+    """launcher/ds_configs (package data) is the repository's ds_configs/, not a copy."""
+    assert preset_dir().resolve() == (REPO / "ds_configs").resolve()
+    assert {p.name for p in preset_dir().glob("*.json")} == {p.file for p in PRESETS.values()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from maml_ds.config import RunConfig
 from tests.helpers import maml_ds
 
 COMMON = ["--model", "tiny", "--k", "4", "--micro-batch-size", "4", "--max-examples-per-task", "40"]
@@ -85,3 +86,77 @@ def test_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(
     proc = maml_ds("train", *args, check=False)
     assert proc.returncode == 2 and "already holds checkpoints: pass --resume" in proc.stderr
     assert (run / "checkpoints" / "step1").stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------------------------
+# Flags derived from RunConfig (launcher/config_flags.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_is_one_flag_with_its_docstring():
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+    from launcher.config_flags import FLAGS
+
+    def leaves(section, prefix=""):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    assert [flag.key for flag in FLAGS] == list(leaves(RunConfig()))
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    unwrapped = "".join(result.output.split())  # help wraps lines at hyphens too
+    for flag in FLAGS:
+        assert flag.help.split("[default")[0].strip(), f"{flag.key} has no docstring"
+        assert flag.names[0] in text and "".join(flag.help.split()) in unwrapped, flag.key
+    # today's names where the flag is not the field's name, and the bool switches
+    for name in ("--k", "--zero", "--data", "--out", "--model", "--lr, --outer-lr",
+                 "--no-shared-moments", "--precision", "--micro-batch-size"):  # fmt: skip
+        assert name in text
+    assert "[default: 16]" in text and "<fp32|fp16|bf16>" in text
+
+
+def test_flags_override_a_config_file(tmp_path):
+    from launcher.config_flags import parse_options
+    from launcher.train_cmd import build_run_config, train_command
+
+    base = RunConfig(method="maml-2-2")
+    base.data.num_demonstrations = 8
+    base.save(tmp_path / "config.json")
+    args = ["--outer-lr", "0.5", "--no-shared-moments", "--betas", "0.8", "0.9", "--zero", "2"]
+    cfg = build_run_config(tmp_path / "config.json", parse_options(train_command, "train", args))
+    assert cfg.optim.lr == 0.5 and cfg.meta.shared_moments is False
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.deepspeed.zero_stage == 2
+    assert cfg.data.num_demonstrations == 8 and cfg.method == "maml-2-2"  # not given: kept
+
+
+def test_a_choice_typo_lists_the_valid_values(tmp_path):
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--precision", "fp8", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "'fp8' is not one of 'fp32', 'fp16', 'bf16'" in text
+
+
+def test_config_problems_name_real_flags():
+    """Every --flag that a RunConfig problem tells the user to pass exists."""
+    import re
+
+    import maml_ds.config
+    from launcher.config_flags import FLAGS
+
+    named = set(re.findall(r"--[a-z][a-z0-9-]*", Path(maml_ds.config.__file__).read_text()))
+    flags = {name for flag in FLAGS for name in flag.names}
+    flags |= {"--no-" + n.removeprefix("--") for f in FLAGS if f.is_bool for n in f.names}
+    assert named - flags == set()
