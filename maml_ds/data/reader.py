@@ -1,13 +1,8 @@
 """Reading MetaICL-format task files: `data/{task}/{task}_{k}_{seed}_{split}.jsonl`.
 
-Each line is `{"task": str, "input": str, "output": str, "options": [str, ...]}`.
-
-How the file is read: every line is parsed and checked in Python first, so that a bad line is
-reported as `file:line` with what is wrong (Arrow's JSON reader only reports a byte offset, and
-accepts some shapes we must refuse). The checked records then become a `datasets.Dataset` with an
-explicit schema via `Dataset.from_list`, which stays in memory and writes no cache files (nothing
-lands in `~/.cache/huggingface`). `load_examples` returns plain `Example`s from the same checked
-records, without a round trip through Arrow.
+Each line is `{"task": str, "input": str, "output": str, "options": [str, ...]}`. Every line is
+parsed and checked in Python, so a bad line is reported as `file:line` with what is wrong (a
+JSON reader would only report a byte offset). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -15,25 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from maml_ds.data.tasks import DataError, TaskConfig, check_task_name, load_task_config
-
-if TYPE_CHECKING:
-    import datasets
 
 __all__ = [
     "META_TRAIN_K",
     "META_TRAIN_SEED",
     "TEST_SEEDS",
     "Example",
-    "dataset_features",
-    "examples_from_dataset",
     "find_meta_train_file",
-    "load_dataset_split",
     "load_examples",
     "load_meta_train_examples",
     "load_target_examples",
@@ -53,9 +41,9 @@ META_TRAIN_K = 16384
 META_TRAIN_SEED = 100
 
 _HOW_TO_GET_DATA = (
-    "Create data with `maml-ds data synth --out DIR` (the offline synthetic suite) or build "
-    "MetaICL's data (github.com/facebookresearch/MetaICL, `_build_gym.py`), then point the "
-    "data directory at that folder"
+    "Build MetaICL's tasks with `maml-ds data build --setting S --out DIR`, import your own "
+    "with `maml-ds data import`, or create data with `maml-ds data synth --out DIR` (the "
+    "offline synthetic suite), then point the data directory at that folder"
 )
 
 
@@ -234,52 +222,6 @@ def load_examples(
     return [_to_example(task, rec) for rec in records]
 
 
-def dataset_features() -> datasets.Features:
-    """The schema of a loaded task split."""
-    import datasets
-
-    return datasets.Features(
-        {
-            "task": datasets.Value("string"),
-            "input": datasets.Value("string"),
-            "output": datasets.Value("string"),
-            "options": datasets.Sequence(datasets.Value("string")),
-        }
-    )
-
-
-def load_dataset_split(
-    data_dir: Path | str,
-    task: str,
-    *,
-    k: int,
-    seed: int,
-    split: Split,
-    task_config: TaskConfig | None = None,
-    min_examples: int | None = None,
-) -> datasets.Dataset:
-    """Like `load_examples`, as an in-memory `datasets.Dataset` (columns task/input/output/options).
-
-    The `task` column holds the task name the file was loaded under.
-    """
-    import datasets
-
-    records = _load_records(
-        data_dir,
-        task,
-        k=k,
-        seed=seed,
-        split=split,
-        task_config=task_config,
-        min_examples=min_examples,
-    )
-    rows = [
-        {"task": task, "input": r["input"], "output": r["output"], "options": r["options"]}
-        for r in records
-    ]
-    return datasets.Dataset.from_list(rows, features=dataset_features())
-
-
 _TRAIN_FILE = re.compile(r"^(?P<task>.+)_(?P<k>\d+)_(?P<seed>\d+)_train\.jsonl$")
 
 
@@ -361,11 +303,3 @@ def load_target_examples(
         )
     tests = load_examples(data_dir, task, k=k, seed=seed, split="test", task_config=task_config)
     return demos, tests
-
-
-def examples_from_dataset(ds: datasets.Dataset | Sequence[dict[str, Any]]) -> list[Example]:
-    """Convert rows of a loaded split back into `Example`s."""
-    return [
-        Example(task=r["task"], input=r["input"], output=r["output"], options=tuple(r["options"]))
-        for r in ds
-    ]

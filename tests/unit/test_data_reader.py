@@ -10,9 +10,7 @@ import pytest
 
 from maml_ds.data.reader import (
     Example,
-    examples_from_dataset,
     find_meta_train_file,
-    load_dataset_split,
     load_examples,
     load_meta_train_examples,
     load_target_examples,
@@ -219,14 +217,6 @@ def test_load_examples(data_dir):
     assert demos[1] == Example("sent", "bad", "negative", ("negative", "positive"))
     tests = load_examples(data_dir, "sent", k=4, seed=13, split="test")
     assert [e.output for e in tests] == ["positive", "negative"]
-
-
-def test_load_dataset_split_is_in_memory(data_dir):
-    ds = load_dataset_split(data_dir, "sent", k=4, seed=13, split="test")
-    assert ds.column_names == ["task", "input", "output", "options"]
-    assert ds[0] == {"task": "sent", "input": "fine", "output": "positive", "options": LABELS}
-    assert ds.cache_files == []  # nothing written to disk (no ~/.cache/huggingface)
-    assert examples_from_dataset(ds) == load_examples(data_dir, "sent", k=4, seed=13, split="test")
 
 
 def test_blank_lines_are_skipped(data_dir):
