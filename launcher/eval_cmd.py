@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
-from launcher.errors import err_console, fail
+from launcher.errors import err_console, fail, user_error
 from maml_ds.config import ConfigError
 
 if TYPE_CHECKING:  # imported by the commands themselves: `maml-ds --help` stays fast
@@ -52,35 +54,103 @@ def _cell(average: float, worst: float, single: bool) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def per_task_table(result: Any) -> Table:
-    """Task rows, one column per seed, then the task's average and worst (x100)."""
+METRIC_ABBREVIATIONS = {"macro-f1": "F1", "accuracy": "acc"}
+
+
+def fitted_tables(
+    title: str,
+    key_headers: Sequence[str],
+    value_headers: Sequence[str],
+    rows: Sequence[tuple[Sequence[str], Sequence[str]]],
+    *,
+    width: int,
+    caption: str | None = None,
+) -> list[Table]:
+    """Tables that fit `width` columns without cutting a cell: the value columns (numbers,
+    never wrapped) are folded into as many blocks as needed, each repeating the key columns
+    (row names, folded onto a second line only if they alone exceed the width).
+
+    rows: (key cells, value cells). Value headers break at their spaces.
+    """
+    console = Console(width=width)
+    unbounded = console.options.update(max_width=1_000_000)
+
+    def build(columns: Sequence[int], block_title: str) -> Table:
+        table = Table(
+            title=block_title,
+            min_width=min(len(block_title), width) if block_title == title else None,
+            box=box.SIMPLE_HEAD,
+            collapse_padding=True,
+            pad_edge=False,
+            show_edge=False,
+        )
+        for header in key_headers:
+            table.add_column(header, overflow="fold")
+        for i in columns:
+            table.add_column("\n".join(value_headers[i].split()), justify="right", no_wrap=True)
+        for keys, values in rows:
+            table.add_row(*keys, *[values[i] for i in columns])
+        return table
+
+    blocks: list[list[int]] = []
+    for i in range(len(value_headers)):
+        if (
+            blocks
+            and Measurement.get(console, unbounded, build([*blocks[-1], i], "")).maximum <= width
+        ):
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    tables = [
+        build(columns, title if n == 0 else "(continued)")
+        for n, columns in enumerate(blocks or [[]])
+    ]
+    tables[-1].caption = caption
+    return tables
+
+
+def per_task_table(result: Any, width: int) -> list[Table]:
+    """Task rows: the task's average/worst (x100), then one column per seed."""
     seeds = list(result.options.seeds)
-    table = Table(title=f"{result.label} on {result.column}: per task (x100)")
-    table.add_column("task")
-    table.add_column("metric")
-    for seed in seeds:
-        table.add_column(f"seed {seed}", justify="right")
-    table.add_column("avg/worst", justify="right")
+    rows = []
+    metrics = set()
     for task in result.tasks:
         by_seed = result.per_task[task]
         scores = [by_seed[s].score for s in seeds]
-        table.add_row(
-            task,
-            by_seed[seeds[0]].metric,
-            *[_pct(v) for v in scores],
-            _cell(sum(scores) / len(scores), min(scores), len(seeds) == 1),
+        metrics.add(by_seed[seeds[0]].metric)
+        rows.append(
+            (
+                [task, METRIC_ABBREVIATIONS[by_seed[seeds[0]].metric]],
+                [
+                    _cell(sum(scores) / len(scores), min(scores), len(seeds) == 1),
+                    *[_pct(v) for v in scores],
+                ],
+            )
         )
     agg = result.aggregate
-    table.add_row(
-        "[bold]mean over tasks",
-        "",
-        *[_pct(agg.per_seed[s]) for s in seeds],
-        f"[bold]{_cell(agg.average, agg.worst, len(seeds) == 1)}",
+    rows.append(
+        (
+            ["[bold]mean over tasks", ""],
+            [
+                f"[bold]{_cell(agg.average, agg.worst, len(seeds) == 1)}",
+                *[_pct(agg.per_seed[s]) for s in seeds],
+            ],
+        )
     )
-    return table
+    legend = ", ".join(f"{METRIC_ABBREVIATIONS[m]}: {m}" for m in sorted(metrics))
+    return fitted_tables(
+        f"{result.label} on {result.column}: per task (x100)",
+        ["task", "metric"],
+        ["avg/worst", *(f"seed {s}" for s in seeds)],
+        rows,
+        width=width,
+        caption=legend,
+    )
 
 
-def paper_table(rows: Sequence[tuple[str, str, float, float, bool]], title: str) -> Table:
+def paper_table(
+    rows: Sequence[tuple[str, str, float, float, bool]], title: str, width: int
+) -> list[Table]:
     """The paper's layout: methods as rows, settings as columns, "average/worst" cells.
 
     rows: (label, column, average, worst, single) in display order.
@@ -88,13 +158,18 @@ def paper_table(rows: Sequence[tuple[str, str, float, float, bool]], title: str)
     columns = list(dict.fromkeys(r[1] for r in rows))
     labels = list(dict.fromkeys(r[0] for r in rows))
     cells = {(r[0], r[1]): _cell(r[2], r[3], r[4]) for r in rows}
-    table = Table(title=title)
-    table.add_column("Method")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for label in labels:
-        table.add_row(label, *[cells.get((label, c), "") for c in columns])
-    return table
+    return fitted_tables(
+        title,
+        ["Method"],
+        columns,
+        [([label], [cells.get((label, c), "") for c in columns]) for label in labels],
+        width=width,
+    )
+
+
+def _print_tables(tables: Sequence[Table]) -> None:
+    for table in tables:
+        out_console.print(table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,13 +179,15 @@ def paper_table(rows: Sequence[tuple[str, str, float, float, bool]], title: str)
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """A bad flag or bad data: one error line and exit code 2, no traceback."""
+    """A bad flag or bad data: one error line (from rank 0 only when sharded) and exit code
+    2, no traceback."""
     from maml_ds.data.tasks import DataError
+    from maml_ds.distributed import is_main
 
     try:
         yield
     except (ConfigError, DataError) as err:
-        raise fail(str(err)) from None
+        raise (user_error(err) if is_main() else typer.Exit(2)) from None
 
 
 @dataclass(frozen=True)
@@ -143,11 +220,13 @@ def _load_target(
 ) -> _Target:
     """Load the model; data, setting and variant default to its run's, the label to the
     paper's row name, the output folder to RUN/eval or eval/<model>."""
+    from maml_ds.distributed import is_main
     from maml_ds.eval import default_label
     from maml_ds.eval.results import safe_name
+    from maml_ds.eval.shard import init_ranks
     from maml_ds.model_io import load_model
 
-    loaded = load_model(model, tokenizer=tokenizer, device=device)
+    loaded = load_model(model, tokenizer=tokenizer, device=init_ranks(device))
     cfg = loaded.run_config
     problems = []
     if data is None:
@@ -162,7 +241,7 @@ def _load_target(
             setting = cfg.data.setting
     if variant is None:
         variant = cfg.data.variant if cfg is not None else "direct"
-    elif cfg is not None and variant != cfg.data.variant:
+    elif cfg is not None and variant != cfg.data.variant and is_main():
         err_console.print(
             f"[yellow]note:[/] scoring with --variant {variant}; the run was trained "
             f"{cfg.data.variant}",
@@ -186,30 +265,28 @@ def _load_target(
 
 
 def _save_and_print(result: Any, path: Path) -> None:
+    """Rank 0 writes the result and prints; the other ranks of a sharded run stay silent."""
+    from maml_ds.distributed import is_main, world_size
+
+    if not is_main():
+        return
     path = result.save(path)
     single = len(result.options.seeds) == 1 or not result.options.use_demonstrations
-    out_console.print(per_task_table(result))
-    out_console.print(
-        paper_table(
-            [
-                (
-                    result.label,
-                    result.column,
-                    result.aggregate.average,
-                    result.aggregate.worst,
-                    single,
-                )
-            ],
-            "average/worst over seeds (x100)",
-        )
-    )
+    width = out_console.width
+    _print_tables(per_task_table(result, width))
+    agg = result.aggregate
+    summary = [(result.label, result.column, agg.average, agg.worst, single)]
+    _print_tables(paper_table(summary, "average/worst over seeds (x100)", width))
     num_cached = sum(r.cached for by_seed in result.per_task.values() for r in by_seed.values())
     num_pairs = sum(len(by_seed) for by_seed in result.per_task.values())
+    ranks = f" on {world_size()} ranks" if world_size() > 1 else ""
     err_console.print(
         f"{num_pairs - num_cached} (task, seed) computed, {num_cached} from the cache; "
         f"{result.stats.num_forward_tokens} tokens through the model in "
-        f"{result.stats.seconds:.1f} s; results: {path}",
+        f"{result.stats.seconds:.1f} s; wall {result.wall_seconds:.1f} s{ranks}; "
+        f"results: {path}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -240,6 +317,11 @@ LabelOpt = Annotated[str | None, typer.Option(help="row name in tables (default:
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="recompute every (task, seed); write no cache")
 ]
+LogEveryOpt = Annotated[
+    int,
+    typer.Option(min=1, help="stderr not a terminal: a progress line every N (task, seed) pairs"),
+]
+LogSecondsOpt = Annotated[float, typer.Option(min=0.0, help="... and at least every T seconds")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,9 +355,13 @@ def eval_command(
     ] = False,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = None,
+    log_every: LogEveryOpt = 10,
+    log_seconds: LogSecondsOpt = 60.0,
 ) -> None:
     """Evaluate a model with the MetaICL protocol: avg/worst over seeds, JSON + tables."""
+    from maml_ds.distributed import shutdown
     from maml_ds.eval import EvalOptions, evaluate
+    from maml_ds.eval.progress import ProgressOptions
     from maml_ds.eval.results import safe_name
 
     with _user_errors():
@@ -311,10 +397,12 @@ def eval_command(
             label=target.label,
             model_name=model,
             cache_dir=target.cache_dir,
+            progress_options=ProgressOptions(log_every, log_seconds),
         )
     options = target.options
     name = f"eval_{safe_name(result.setting)}_{options.scope}_{options.variant}_{baseline}_k{k}"
     _save_and_print(result, target.out_dir / f"{name}.json")
+    shutdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,9 +429,13 @@ def adapt_command(
     label: LabelOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = None,
+    log_every: LogEveryOpt = 10,
+    log_seconds: LogSecondsOpt = 60.0,
 ) -> None:
     """Very few-shot adaptation (paper 5.4) on each unseen-domain task, then evaluation."""
+    from maml_ds.distributed import shutdown
     from maml_ds.eval import AdaptOptions, EvalOptions, run_adaptation
+    from maml_ds.eval.progress import ProgressOptions
     from maml_ds.eval.results import safe_name
 
     with _user_errors():
@@ -380,10 +472,12 @@ def adapt_command(
             model_name=model,
             cache_dir=target.cache_dir,
             keep_dir=keep,
+            progress_options=ProgressOptions(log_every, log_seconds),
         )
     variant = target.options.variant
     name = f"adapt_{safe_name(result.setting)}_{variant}_lr{lr:g}_steps{steps}_k{k}"
     _save_and_print(result, target.out_dir / f"{name}.json")
+    shutdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,23 +510,19 @@ def compare_command(
                 f"{s.path}; give one of them another name with `maml-ds eval --label`"
             )
         seen[(s.label, s.column)] = s.path
-    out_console.print(
+    width = out_console.width
+    _print_tables(
         paper_table(
             [(s.label, s.column, s.average, s.worst, s.seed_independent) for s in summaries],
             "average/worst over seeds (x100)",
+            width,
         )
     )
     by_label: dict[str, dict[str, tuple[float, float]]] = {}
     for s in summaries:
         by_label.setdefault(s.label, {})[s.column] = (s.average, s.worst)
     labels = list(by_label)
-    table = Table(
-        title="win rate of row over column (wins / settings both ran; "
-        "win = higher average AND higher worst case)"
-    )
-    table.add_column("")
-    for b in labels:
-        table.add_column(b, justify="right")
+    rows = []
     matrix: dict[str, dict[str, dict[str, float]]] = {}
     for a in labels:
         cells = []
@@ -449,8 +539,12 @@ def compare_command(
             cells.append(
                 "-" if w.num_settings == 0 else f"{w.wins}/{w.num_settings} ({w.rate:.2f})"
             )
-        table.add_row(a, *cells)
-    out_console.print(table)
+        rows.append(([a], cells))
+    title = (
+        "win rate of row over column (wins / settings both ran; "
+        "win = higher average AND higher worst case)"
+    )
+    _print_tables(fitted_tables(title, [""], labels, rows, width=width))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {

@@ -30,6 +30,7 @@ from maml_ds.data.prompts import (
 )
 from maml_ds.data.reader import Example, load_examples
 from maml_ds.data.tasks import DataError, Setting, load_setting
+from maml_ds.eval.progress import ProgressOptions
 from maml_ds.eval.results import safe_name
 from maml_ds.eval.run import EvalOptions, EvalResult, evaluate, target_tasks
 from maml_ds.losses import mean_scored_loss
@@ -258,6 +259,7 @@ def run_adaptation(
     cache_dir: Path | None = None,
     keep_dir: Path | None = None,
     show_progress: bool = True,
+    progress_options: ProgressOptions | None = None,
 ) -> EvalResult:
     """Adapt to and evaluate every unseen-domain target task at every seed (paper 5.4).
 
@@ -291,4 +293,5 @@ def run_adaptation(
         extra_key={"adapt": adapt_options.key()},
         kind="adapt",
         show_progress=show_progress,
+        progress_options=progress_options,
     )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -19,11 +20,12 @@ import torch
 
 from maml_ds.config import ConfigError
 from maml_ds.data.prompts import PromptFormat
-from maml_ds.data.reader import TEST_SEEDS, load_target_examples
-from maml_ds.data.tasks import DataError, Setting, load_setting, load_task_config
-from maml_ds.distributed import is_main
+from maml_ds.data.reader import TEST_SEEDS, Example, load_target_examples
+from maml_ds.data.tasks import DataError, Setting, TaskConfig, load_setting, load_task_config
+from maml_ds.distributed import is_main, rank, world_size
 from maml_ds.eval.cache import (
     EVAL_VERSION,
+    CacheEntry,
     ResultCache,
     TaskSeedResult,
     load_cached,
@@ -32,8 +34,10 @@ from maml_ds.eval.cache import (
     write_cache,
 )
 from maml_ds.eval.metrics import SeedAggregate, aggregate_seeds
+from maml_ds.eval.progress import EvalProgress, ProgressOptions
 from maml_ds.eval.results import RESULT_FORMAT
 from maml_ds.eval.scoring import ScoringStats, score_examples
+from maml_ds.eval.shard import assign_ranks, gather
 from maml_ds.files import write_atomic
 
 __all__ = [
@@ -186,6 +190,9 @@ class EvalResult:
     overlap: tuple[str, ...] = ()
     """Target tasks that are also meta-training tasks of the setting (MetaICL's `sick`)."""
     stats: ScoringStats = field(default_factory=ScoringStats)
+    """Summed over ranks."""
+    wall_seconds: float = 0.0
+    """Wall time of `evaluate`, data loading to the gathered result."""
 
     @property
     def column(self) -> str:
@@ -234,6 +241,7 @@ class EvalResult:
             "per_seed": {str(s): v for s, v in agg.per_seed.items()},
             "per_task": per_task,
             "scoring": asdict(self.stats),
+            "wall_seconds": self.wall_seconds,
         }
 
     def save(self, path: Path) -> Path:
@@ -245,26 +253,46 @@ class EvalResult:
 PrepareHook = Callable[[str, int], AbstractContextManager[dict[str, Any] | None]]
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+@dataclass
+class _Pair:
+    """One (task, seed) to score, its data loaded, and where its cache file lives."""
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("sequences"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
+    task: str
+    seed: int
+    task_config: TaskConfig
+    demos: list[Example]
+    tests: list[Example]
+    entry: CacheEntry | None
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(ex.options) for ex in self.tests)
+
+
+def _work_units(pairs: Sequence[_Pair]) -> list[list[int]]:
+    """Pairs that share a cache file (no-icl: the seeds of a task) form one unit, scored by one
+    rank in order, so the first computes it and the others read it, as in one process."""
+    units: dict[Any, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        key = pair.entry.path if pair.entry is not None else index
+        units.setdefault(key, []).append(index)
+    return list(units.values())
+
+
+def _my_pairs(pairs: Sequence[_Pair]) -> list[int]:
+    """The indices of the pairs this rank scores, in order (every pair for one process)."""
+    if world_size() == 1:
+        return list(range(len(pairs)))
+    units = _work_units(pairs)
+    owner = assign_ranks([pairs[u[0]].num_sequences for u in units], world_size())
+    return sorted(i for unit, r in zip(units, owner, strict=True) if r == rank() for i in unit)
+
+
+def _merge_stats(parts: Sequence[ScoringStats]) -> ScoringStats:
+    if len(parts) == 1:
+        return parts[0]
+    return ScoringStats(
+        **{f.name: sum(getattr(p, f.name) for p in parts) for f in fields(parts[0])}
     )
 
 
@@ -283,6 +311,7 @@ def evaluate(
     extra_key: Mapping[str, Any] | None = None,
     kind: Literal["eval", "adapt"] = "eval",
     show_progress: bool = True,
+    progress_options: ProgressOptions | None = None,
 ) -> EvalResult:
     """Evaluate `model` on the target tasks of `setting` for every seed of `options`.
 
@@ -292,8 +321,11 @@ def evaluate(
     `prepare(task, seed)`: a context manager entered around the scoring of a (task, seed) that
     is not cached (adaptation uses it); what it yields is stored as the result's `info`.
     `extra_key`: more facts that change the numbers (e.g. adaptation options), hashed into
-    every cache key.
+    every cache key. `progress_options`: how often log lines come when stderr is no terminal.
+    Under DeepSpeed's launcher the ranks share the pairs and every rank returns the whole
+    result (`maml_ds.eval.shard`); only rank 0 shows progress.
     """
+    started = time.perf_counter()
     data_dir = Path(data_dir)
     setting_obj = setting if isinstance(setting, Setting) else load_setting(setting, data_dir)
     task_list = (
@@ -303,7 +335,7 @@ def evaluate(
     )
     shared = set(setting_obj.overlap())
     overlap = tuple(t for t in task_list if t in shared)
-    if overlap:
+    if overlap and is_main():
         logger.warning(
             "setting %s: target task(s) %s are also meta-training tasks (kept as published)",
             setting_obj.name,
@@ -322,22 +354,13 @@ def evaluate(
         )
 
     # Load every (task, seed) first: data errors surface before any model time is spent.
-    jobs = []
+    pairs: list[_Pair] = []
     for task in task_list:
         task_config = load_task_config(task, data_dir)
         for seed in options.seeds:
             demos, tests = load_target_examples(
                 data_dir, task, seed=seed, k=options.k, task_config=task_config
             )
-            jobs.append((task, seed, task_config, demos, tests))
-
-    stats = ScoringStats()
-    per_task: dict[str, dict[int, TaskSeedResult]] = {t: {} for t in task_list}
-    total = sum(sum(len(ex.options) for ex in tests) for *_, tests in jobs)
-    with _progress(show_progress and is_main()) as progress:
-        bar = progress.add_task(f"{kind} {setting_obj.name}", total=total)
-        for task, seed, task_config, demos, tests in jobs:
-            num_sequences = sum(len(ex.options) for ex in tests)
             entry = None
             if cache is not None:
                 entry = cache.entry(
@@ -348,32 +371,67 @@ def evaluate(
                     task_config=task_config,
                     use_demonstrations=options.use_demonstrations,
                 )
+            pairs.append(_Pair(task, seed, task_config, demos, tests, entry))
+
+    mine = _my_pairs(pairs)
+    stats = ScoringStats()
+    results: dict[int, TaskSeedResult] = {}
+    description = f"{kind} {setting_obj.name}"
+    if world_size() > 1:
+        description += f" (rank 0 of {world_size()})"
+    progress = EvalProgress(
+        description,
+        num_pairs=len(mine),
+        num_sequences=sum(pairs[i].num_sequences for i in mine),
+        options=progress_options or ProgressOptions(),
+        enabled=show_progress and is_main(),
+    )
+    with progress:
+        for index in mine:
+            pair = pairs[index]
+            task, seed, task_config, tests = pair.task, pair.seed, pair.task_config, pair.tests
+            if pair.entry is not None:
                 cached = load_cached(
-                    entry.path, key=entry.key, tests=tests, task_config=task_config, seed=seed
+                    pair.entry.path,
+                    key=pair.entry.key,
+                    tests=tests,
+                    task_config=task_config,
+                    seed=seed,
                 )
                 if cached is not None:
                     cached.task, cached.seed = task, seed
-                    per_task[task][seed] = cached
-                    progress.advance(bar, num_sequences)
+                    results[index] = cached
+                    progress.pair_done(cached_sequences=pair.num_sequences)
                     continue
-            progress.update(bar, description=f"{kind} {task} seed {seed}")
+            progress.describe(f"{kind} {task} seed {seed}")
             context = prepare(task, seed) if prepare is not None else nullcontext(None)
             with context as info:
                 losses = score_examples(
                     model,
                     tokenizer,
-                    demos if options.use_demonstrations else [],
+                    pair.demos if options.use_demonstrations else [],
                     tests,
                     fmt,
                     batch_size=options.batch_size,
                     use_kv_cache=options.use_kv_cache,
                     stats=stats,
-                    on_batch=lambda n: progress.advance(bar, n),
+                    on_batch=progress.scored,
                 )
             result = TaskSeedResult.from_losses(task, seed, losses, tests, task_config, info=info)
-            if entry is not None:
-                write_cache(entry, result)
-            per_task[task][seed] = result
+            if pair.entry is not None:
+                write_cache(pair.entry, result)
+            results[index] = result
+            progress.pair_done()
+
+    # Every rank gets every result (one process: its own); pairs back in task, seed order.
+    gathered = gather((results, stats, fingerprint))
+    if len({fp for *_, fp in gathered}) > 1:
+        raise RuntimeError("the ranks evaluated different weights (model fingerprints differ)")
+    results = {index: r for part, *_ in gathered for index, r in part.items()}
+    stats = _merge_stats([s for _, s, _ in gathered])
+    per_task: dict[str, dict[int, TaskSeedResult]] = {t: {} for t in task_list}
+    for index, pair in enumerate(pairs):
+        per_task[pair.task][pair.seed] = results[index]
     aggregate = aggregate_seeds(
         {t: {s: r.score for s, r in by_seed.items()} for t, by_seed in per_task.items()}
     )
@@ -390,4 +448,5 @@ def evaluate(
         extra=dict(extra_key or {}),
         overlap=overlap,
         stats=stats,
+        wall_seconds=time.perf_counter() - started,
     )

@@ -1,4 +1,5 @@
-"""Evaluation scoring: prompt lengths, KV-cached == full-sequence scoring, the cache, adapt.
+"""Evaluation scoring: prompt lengths, KV-cached == full-sequence scoring, the cache, adapt,
+the split between ranks and the progress lines.
 
 Models are random-init tiny GPT-2s (`build_model("tiny")`, deterministic init) with the fixture
 tokenizer; data come from the fixture synthetic suite.
@@ -7,6 +8,7 @@ tokenizer; data come from the fixture synthetic suite.
 from __future__ import annotations
 
 import copy
+import io
 import json
 from dataclasses import replace
 
@@ -27,8 +29,10 @@ from maml_ds.data.reader import Example, load_examples, load_target_examples
 from maml_ds.data.tasks import load_setting, load_task_config
 from maml_ds.eval.adapt import AdaptOptions, adapt_model, adaptation_prompts, run_adaptation
 from maml_ds.eval.cache import load_cached, model_fingerprint
+from maml_ds.eval.progress import EvalProgress, ProgressOptions, format_duration
 from maml_ds.eval.run import EvalOptions, evaluate
 from maml_ds.eval.scoring import ScoringStats, argmin_first, score_examples
+from maml_ds.eval.shard import assign_ranks
 from maml_ds.models import build_model
 
 
@@ -366,3 +370,44 @@ def test_run_adaptation_evaluates_adapted_weights_and_restores_them(
         assert result.per_task[task][100].losses != plain.per_task[task][100].losses
     kept = sorted(p.parent.name for p in (tmp_path / "keep").rglob("config.json"))
     assert kept == ["seed100"] * len(result.tasks)
+
+
+def test_rank_split_is_balanced_deterministic_and_complete():
+    costs = [64, 64, 48, 48, 32, 32, 16, 16, 80]
+    owner = assign_ranks(costs, 2)
+    assert owner == assign_ranks(costs, 2)  # every rank computes the same split
+    load = [sum(c for c, r in zip(costs, owner, strict=True) if r == rank) for rank in (0, 1)]
+    assert sum(load) == sum(costs) and max(load) - min(load) <= min(costs)  # greedy's bound
+    assert owner == [1, 1, 0, 0, 1, 1, 0, 0, 0]  # most costly first, to the least loaded
+    assert assign_ranks(costs, 1) == [0] * len(costs)
+    assert sorted(set(assign_ranks([1.0] * 3, 4))) == [0, 1, 2]  # more ranks than work
+
+
+def test_progress_lines_every_n_pairs_or_t_seconds_with_an_eta():
+    now = [0.0]
+    stream = io.StringIO()
+    progress = EvalProgress(
+        "eval hr_to_lr",
+        num_pairs=5,
+        num_sequences=100,
+        options=ProgressOptions(every_pairs=2, every_seconds=30.0),
+        stream=stream,
+        is_terminal=False,
+        clock=lambda: now[0],
+    )
+    with progress:
+        progress.pair_done(cached_sequences=20)  # from the cache: no time, not in the rate
+        for _ in range(4):  # a long pair: a line once 30 s have passed within it
+            now[0] += 10.0
+            progress.scored(5)
+        progress.pair_done()  # 2 pairs: a line
+        now[0] += 10.0
+        progress.scored(20)
+        progress.pair_done()
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines == [  # ETA = elapsed x sequences left / sequences scored: 30 x 65 / 15 = 130 s
+        "eval hr_to_lr: 1/5 pairs, 35/100 sequences (35.0%), elapsed 0:00:30, ETA 0:02:10",
+        "eval hr_to_lr: 2/5 pairs, 40/100 sequences (40.0%), elapsed 0:00:40, ETA 0:02:00",
+        "eval hr_to_lr: 3/5 pairs, 60/100 sequences (60.0%), elapsed 0:00:50, done",
+    ]
+    assert format_duration(3725.2) == "1:02:05"
