@@ -14,7 +14,7 @@ import typer
 
 from launcher.config_flags import FLAGS, apply_flags, with_config_flags
 from launcher.errors import err_console as console
-from launcher.errors import user_error
+from launcher.errors import fail, user_error
 from maml_ds.config import ConfigError, RunConfig
 
 FLAG_NAMES = {flag.key: flag.names[0] for flag in FLAGS}
@@ -76,10 +76,13 @@ def train_command(
     from maml_ds.data.tasks import DataError
     from maml_ds.training import checkpoint
     from maml_ds.training import train as run_training
+    from maml_ds.training.stop import RunStopped
 
     try:
         cfg = resume_run_config(config, flags) if resume else build_run_config(config, flags)
         history = run_training(cfg, resume=resume, stop_after=stop_after)
+    except RunStopped as err:  # diverged (exit 3) or pre-empted (exit 75): docs/reliability.md
+        raise fail(str(err), err.exit_code, error=err) from None
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         raise user_error(err) from None
     if history:

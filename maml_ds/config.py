@@ -153,6 +153,9 @@ class ModelConfig:
     BPE trained locally on the data and saved in the run folder."""
     attn_implementation: Literal["eager", "sdpa"] = "eager"
     """Attention kernel. Exact second order needs double backward: eager (or math SDPA)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward (Hugging Face gradient
+    checkpointing): the activations of one layer instead of all, one more forward per pass."""
     dropout: float = 0.0
     """Dropout of the model (GPT-2's resid/embd/attn pdrop). 0 by default: finite-difference
     HVPs and exact resume need a deterministic loss; MetaICL's GPT-2 used 0.1."""
@@ -245,6 +248,9 @@ class DeepSpeedOptions:
     """fp16: overflow-free steps before the loss scale grows."""
     initial_scale_power: int = 16
     """fp16: the initial loss scale is 2**this."""
+    config_file: str | None = None
+    """A DeepSpeed JSON merged over the one maml-ds builds (monitors, offload, ...): its keys
+    win unless they contradict a maml-ds setting (docs/launch.md)."""
 
 
 @dataclass
@@ -262,8 +268,13 @@ class RunConfig:
     """Seed of the model initialisation, the task sampler and --train-fraction subsampling."""
     save_every: int = 0
     """Checkpoint every N updates (0: only at the end)."""
+    log_every: int = 10
+    """A progress line every N updates when stderr is not a terminal (on one: a live bar)."""
     deterministic: bool = True
     """Deterministic torch algorithms (exact resume and reproducible losses)."""
+    max_consecutive_skips: int = 10
+    """Stop (exit 3, with a checkpoint of the last good weights) after this many updates in a
+    row were not applied (non-finite loss or gradient, or an fp16 overflow); 0 never stops."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -294,6 +305,10 @@ class RunConfig:
             out.append(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.save_every < 0:
             out.append(f"--save-every must be >= 0, got {self.save_every}")
+        if self.max_consecutive_skips < 0:
+            out.append(f"--max-consecutive-skips must be >= 0, got {self.max_consecutive_skips}")
+        if self.log_every < 1:
+            out.append(f"--log-every must be >= 1, got {self.log_every}")
         d, o, m, ds = self.data, self.optim, self.meta, self.deepspeed
         if not 0.0 <= self.model.dropout < 1.0:
             out.append(f"--dropout must be in [0, 1), got {self.model.dropout}")
@@ -334,6 +349,8 @@ class RunConfig:
         if m.fd_scale is not None and not 0.0 < m.fd_scale < 1.0:
             out.append(f"--fd-scale must be in (0, 1), got {m.fd_scale}")
         out.extend(deepspeed_problems(ds.zero_stage, ds.precision))
+        if ds.config_file is not None and not Path(ds.config_file).is_file():
+            out.append(f"--deepspeed-config {ds.config_file} does not exist")
         if ds.micro_batch_size < 1:
             out.append(f"--micro-batch-size must be >= 1, got {ds.micro_batch_size}")
         if ds.gradient_accumulation_steps < 1:
@@ -348,6 +365,16 @@ class RunConfig:
                 )
         if spec is not None:
             out.extend(engine_problems(spec, ds.zero_stage, ds.precision, m.second_order))
+        if spec is not None and spec.kind == "maml" and self.model.activation_checkpointing:
+            mode = "first-order" if spec.first_order else m.second_order
+            if not (ds.zero_stage == 3 and mode in ("hvp-fd", "first-order")) or (
+                ds.precision == "fp16"
+            ):
+                out.append(
+                    "--activation-checkpointing with MAML needs the sharded path (--zero 3, "
+                    "--second-order hvp-fd or a fomaml method, fp32 or bf16): elsewhere the "
+                    "engine's functional forward would be recomputed at the wrong parameters"
+                )
         return out
 
     def validate(self) -> RunConfig:
@@ -470,8 +497,98 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         }
     elif ds.precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if ds.config_file is not None:
+        config = merge_deepspeed_config(config, read_deepspeed_json(ds.config_file), ds.config_file)
     check_batch_arithmetic(config, world_size)
     return config
+
+
+def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    """A user's DeepSpeed JSON (--deepspeed-config) as a dict; ConfigError if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"--deepspeed-config {path} does not exist"]) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError([f"--deepspeed-config {path} is not valid JSON: {err}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--deepspeed-config {path} must hold a JSON object"])
+    return data
+
+
+_SET_BY_MAML_DS = {
+    "train_batch_size": "--micro-batch-size x --gradient-accumulation-steps x world size",
+    "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--gradient-accumulation-steps",
+    "gradient_clipping": "--gradient-clipping",
+}  # DeepSpeed keys a RunConfig setting decides: a user's JSON may repeat them, not change them
+_CLIENT_OBJECTS = {
+    "optimizer": "its own optimizer (SharedMomentAdamW: --lr, --betas, --eps, --weight-decay)",
+    "scheduler": "its own LR schedule (--schedule, --warmup-steps)",
+}
+
+
+def merge_deepspeed_config(
+    built: dict[str, Any], user: dict[str, Any], source: str | Path
+) -> dict[str, Any]:
+    """`user` merged over `built`, object by object; a ConfigError names every user key that
+    contradicts a maml-ds setting (batch sizes, client optimizer and scheduler, clipping, ZeRO
+    stage, precision)."""
+    problems = deepspeed_contradictions(built, user, source)
+    if problems:
+        raise ConfigError(list(problems.values()))
+    return _deep_merge(built, user)
+
+
+def deepspeed_contradictions(
+    built: dict[str, Any], user: dict[str, Any], source: str | Path
+) -> dict[str, str]:
+    """{key (dotted) of `user`: the message} for every key that contradicts a maml-ds setting."""
+    out: dict[str, str] = {}
+    for key, why in _CLIENT_OBJECTS.items():
+        if key in user:
+            out[key] = f"{source} sets `{key}`, but maml-ds passes {why} to DeepSpeed: remove it"
+    for key, flag in _SET_BY_MAML_DS.items():
+        if key in user and user[key] != built[key]:
+            out[key] = (
+                f"{source} sets {key} = {user[key]!r} but maml-ds's config has {built[key]!r} "
+                f"({flag}): remove {key} from {source} or change {flag.split(' ')[0]}"
+            )
+    zero, stage = user.get("zero_optimization"), built["zero_optimization"]["stage"]
+    if isinstance(zero, dict) and zero.get("stage", stage) != stage:
+        out["zero_optimization.stage"] = (
+            f"{source} sets zero_optimization.stage = {zero['stage']!r} but maml-ds runs "
+            f"--zero {stage}: remove the stage from {source} or pass --zero {zero['stage']}"
+        )
+    precision = "fp16" if "fp16" in built else "bf16" if "bf16" in built else "fp32"
+    for key, means in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16"), ("amp", "amp")):
+        section = user.get(key)
+        enabled = section.get("enabled") if isinstance(section, dict) else None
+        if not isinstance(enabled, bool) or enabled == (means == precision):
+            continue
+        change = f" or pass --precision {means}" if enabled and means != "amp" else ""
+        out[key] = (
+            f"{source} sets {key}.enabled = {str(enabled).lower()} but maml-ds runs --precision "
+            f"{precision}: remove `{key}` from {source}{change}"
+        )
+    return out
+
+
+def without_keys(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """`config` without the dotted `keys` (e.g. ``zero_optimization.stage``)."""
+    out = {k: v for k, v in config.items() if k not in keys}
+    for head, _, rest in (key.partition(".") for key in keys):
+        if rest and isinstance(out.get(head), dict):
+            out[head] = without_keys(out[head], [rest])
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
 
 
 def check_batch_arithmetic(config: dict[str, Any], world_size: int) -> None:

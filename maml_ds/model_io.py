@@ -131,6 +131,17 @@ def _from_checkpoint(
     return model, tok, cfg
 
 
+def _complete_tag(ckpt_dir: Path) -> str | None:
+    """The checkpoint a resume would take (``latest`` if complete, else the newest complete
+    one), with a warning for each one passed over (training/checkpoint.py)."""
+    from maml_ds.training import checkpoint
+
+    choice, passed_over = checkpoint.resume_choice(ckpt_dir)
+    for line in passed_over:
+        logger.warning("not using %s", line)
+    return None if choice is None else choice.tag
+
+
 def load_model(
     spec: str | Path,
     *,
@@ -143,7 +154,7 @@ def load_model(
     `tokenizer` overrides the tokenizer found with the model. `device`: default CUDA when
     available, else CPU.
     """
-    from maml_ds.models import build_model, builtin_arch, load_tokenizer
+    from maml_ds.models import build_model, builtin_arch, check_model_source, load_tokenizer
     from maml_ds.training import checkpoint
     from maml_ds.training.zero_layout import is_checkpoint_tag
 
@@ -160,20 +171,20 @@ def load_model(
             loaded = LoadedModel(model, tok, "run-final", str(final), path, cfg)
         else:
             ckpt_dir = path / "checkpoints"
-            tag = checkpoint.latest_tag(ckpt_dir)
+            tag = _complete_tag(ckpt_dir)
             if tag is None:
                 raise ConfigError(
                     [
-                        f"{path}: a run folder without final/ and without a checkpoint "
-                        f"({ckpt_dir}/latest); train it first or point --model at a model folder"
+                        f"{path}: a run folder without final/ and without a complete checkpoint "
+                        f"in {ckpt_dir}; train it first or point --model at a model folder"
                     ]
                 )
             model, tok, cfg = _from_checkpoint(ckpt_dir, tag, path, tokenizer, attn_implementation)
             loaded = LoadedModel(model, tok, "run-checkpoint", str(ckpt_dir / tag), path, cfg)
     elif path.is_dir() and (path / checkpoint.LATEST).is_file():  # RUN/checkpoints
-        tag = checkpoint.latest_tag(path)
+        tag = _complete_tag(path)
         if tag is None:
-            raise ConfigError([f"{path}/latest names a checkpoint that does not exist"])
+            raise ConfigError([f"{path}: no complete checkpoint (see the warnings above)"])
         model, tok, cfg = _from_checkpoint(path, tag, path.parent, tokenizer, attn_implementation)
         loaded = LoadedModel(model, tok, "checkpoint", str(path / tag), path.parent, cfg)
     elif path.is_dir() and is_checkpoint_tag(path):  # RUN/checkpoints/stepN
@@ -192,6 +203,7 @@ def load_model(
             loaded.run_dir = path.parent
             loaded.run_config = RunConfig.load(path.parent / "config.json")
     elif path.exists():
+        check_model_source(path)  # names an unreadable config.json
         raise ConfigError(
             [
                 f"--model {spec}: not a maml-ds run folder (config.json + final/ or checkpoints/), "
@@ -211,6 +223,7 @@ def load_model(
         logger.warning("--model %s: a RANDOMLY initialised model (a built-in config)", spec)
         loaded = LoadedModel(model, tok, "builtin", str(spec))
     else:
+        check_model_source(spec)  # a path that does not exist is not a Hugging Face id
         tok = load_tokenizer(tokenizer or str(spec))
         model = build_model(str(spec), attn_implementation=attn_implementation)
         loaded = LoadedModel(model, tok, "hub", str(spec))

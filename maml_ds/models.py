@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
+    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -62,6 +65,42 @@ class Gpt2Arch:
         return V * d + P * d + L * per_layer + 2 * d
 
 
+@dataclass(frozen=True)
+class LlamaArch:
+    """A Llama-style decoder (RMSNorm, rotary positions, SwiGLU MLP, grouped KV heads, untied
+    LM head): the modern architectures' shape for tests and GPU checks, random init."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int = 32000
+    max_positions: int = 4096
+
+    def to_config(self, vocab_size: int | None = None) -> LlamaConfig:
+        return LlamaConfig(
+            num_hidden_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            vocab_size=vocab_size or self.vocab_size,
+            max_position_embeddings=self.max_positions,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters of LlamaForCausalLM (embedding and LM head separate)."""
+        d, f, V = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = d // self.num_heads * self.num_kv_heads
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o, k, v, MLP, two norms
+        return 2 * V * d + self.num_layers * per_layer + d
+
+
 GPT2_FAMILY: dict[str, Gpt2Arch] = {
     "gpt2": Gpt2Arch(12, 768, 12),
     "gpt2-medium": Gpt2Arch(24, 1024, 16),
@@ -71,9 +110,11 @@ GPT2_FAMILY: dict[str, Gpt2Arch] = {
 MEASURE_MODEL = "measure-4x256"
 """The model ``maml-ds memory --measure`` runs: 4 layers x 256 dims, vocab 4096 (4.2M
 parameters), small enough for a laptop, with parameters (not activations) dominating."""
-BUILTINS: dict[str, Gpt2Arch] = {
+BUILTINS: dict[str, Gpt2Arch | LlamaArch] = {
     # vocab_size 0: the locally trained tokenizer's size
     "tiny": Gpt2Arch(2, 64, 2, vocab_size=0),
+    "tiny-llama": LlamaArch(2, 64, 176, 4, 2, vocab_size=0, max_positions=1024),
+    "random:llama-1b": LlamaArch(16, 2048, 8192, 32, 8),
     "tiny-128": Gpt2Arch(2, 128, 4, vocab_size=0),
     **{f"random:{name}": arch for name, arch in GPT2_FAMILY.items()},
     MEASURE_MODEL: Gpt2Arch(4, 256, 4, vocab_size=4096, n_positions=256),
@@ -82,7 +123,20 @@ BUILTINS: dict[str, Gpt2Arch] = {
 BUILTIN_NAMES = tuple(BUILTINS)
 
 
-def builtin_arch(name: str) -> Gpt2Arch | None:
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json")
+
+
+def is_config_only(name: str | Path) -> bool:
+    """A local `config.json` (or a folder holding one and no weights): random init from it."""
+    path = Path(name)
+    if path.is_file():
+        return path.suffix == ".json"
+    return (path / "config.json").is_file() and not any(
+        any(path.glob(pattern)) for pattern in WEIGHT_FILES
+    )
+
+
+def builtin_arch(name: str) -> Gpt2Arch | LlamaArch | None:
     """The built-in architecture for a model name (``tiny``, ``random:gpt2``...), or None."""
     if name in BUILTINS:
         return BUILTINS[name]
@@ -142,8 +196,68 @@ def iter_data_texts(data_dir: str | Path, max_lines_per_file: int = 4096) -> Ite
                     yield str(option)
 
 
+# --------------------------------------------------------------------------------------------
+# Bad model input: one ConfigError line naming the problem and the fix
+# --------------------------------------------------------------------------------------------
+
+_READ_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+"""What transformers raises for unreadable or missing model files (JSONDecodeError and the Hub's
+HFValidationError are ValueErrors; a corrupt safetensors file is a SafetensorError)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def check_model_source(name: str | Path, what: str = "--model") -> None:
+    """A name that can only be a local path must exist; a folder's config.json must be JSON."""
+    text, path = str(name), Path(name).expanduser()
+    if not path.exists() and (text.startswith(("/", ".", "~")) or text.count("/") > 1):
+        raise ConfigError(
+            [
+                f"{what} {text}: no such folder; give an existing model folder (save_pretrained "
+                f"output or a maml-ds run), a built-in config ({', '.join(BUILTIN_NAMES)}) or a "
+                "Hugging Face id"
+            ]
+        )
+    config = path / "config.json"
+    if path.is_dir() and config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                [
+                    f"{config} is not valid JSON ({_first_line(err)}); export the model again "
+                    f"(save_pretrained) or give {what} another folder"
+                ]
+            ) from err
+
+
+@contextmanager
+def _reading(what: str, name: str | Path, fix: str) -> Iterator[None]:
+    """A user's model files that transformers cannot read -> one ConfigError line."""
+    try:
+        yield
+    except _READ_ERRORS as err:
+        raise ConfigError([f"cannot load {what} {name} ({_first_line(err)}); {fix}"]) from err
+
+
 def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerFast:
-    tok = AutoTokenizer.from_pretrained(str(path_or_id))
+    check_model_source(path_or_id, "--tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path_or_id))
+    except Exception as err:
+        # a file tokenizers' Rust core cannot parse raises a bare Exception; transformers
+        # raises KeyError for a tokenizer.json without its keys
+        if not isinstance(err, (*_READ_ERRORS, KeyError)) and type(err) is not Exception:
+            raise
+        raise ConfigError(
+            [
+                f"cannot load the tokenizer {path_or_id} ({_first_line(err)}); save it again "
+                "(save_pretrained) or pass --tokenizer with a working one"
+            ]
+        ) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -165,7 +279,9 @@ def resolve_tokenizer(
     saved = Path(run_dir) / "tokenizer" if run_dir else None
     if saved is not None and (saved / "tokenizer.json").is_file():
         return load_tokenizer(saved)
-    if builtin_arch(model_name) is None:
+    has_tokenizer = Path(model_name).is_dir() and any(Path(model_name).glob("tokenizer*"))
+    if builtin_arch(model_name) is None and (has_tokenizer or not is_config_only(model_name)):
+        check_model_source(model_name)
         return load_tokenizer(model_name)
     if data_dir is None:
         raise ConfigError(
@@ -197,7 +313,9 @@ def model_config(name: str, *, vocab_size: int | None = None) -> PretrainedConfi
     if path.is_dir() or (path.is_file() and path.suffix == ".json"):
         if path.is_dir() and not (path / "config.json").is_file():
             raise ConfigError([f"model folder {path} has no config.json"])
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        check_model_source(path)
+        with _reading("the model config", path, "export the model again (save_pretrained)"):
+            return AutoConfig.from_pretrained(str(path), local_files_only=True)
     arch = builtin_arch(name)
     if arch is None and name in GPT2_FAMILY:
         return GPT2_FAMILY[name].to_config()
@@ -243,13 +361,28 @@ def build_model(
     attn_implementation: str = "eager",
     dtype: torch.dtype = torch.float32,
     dropout: float | None = 0.0,
+    activation_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """A model by name: local folder, built-in random-init config, or HF id (see module doc).
 
-    ``dropout`` overrides GPT-2's resid/embd/attn dropout (None keeps the model's own).
+    ``dropout`` overrides GPT-2's resid/embd/attn dropout (None keeps the model's own);
+    ``activation_checkpointing`` turns on Hugging Face's gradient checkpointing (non-reentrant:
+    every backward recomputes each layer's forward, also inside torch.autograd.grad).
     """
     overrides = {} if dropout is None else {k: dropout for k in _DROPOUT_KEYS}
-    if Path(model_name).is_dir() or builtin_arch(model_name) is None:
+    if is_config_only(model_name):  # any HF architecture's config.json, random init
+        config = model_config(model_name)
+        for key, value in overrides.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise ConfigError(
+                [f"{model_name}: vocab_size {config.vocab_size} < the tokenizer's {vocab_size}"]
+            )
+        model = model_from_config(
+            config, attn_implementation=attn_implementation, dtype=dtype, seed=seed
+        )
+    elif Path(model_name).is_dir() or builtin_arch(model_name) is None:
         model = _from_pretrained(model_name, attn_implementation, dtype)
         for key, value in overrides.items():
             if hasattr(model.config, key):
@@ -257,30 +390,33 @@ def build_model(
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout) and dropout is not None:
                 module.p = dropout
-        return model
-    config = model_config(model_name, vocab_size=vocab_size)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return model_from_config(
-        config, attn_implementation=attn_implementation, dtype=dtype, seed=seed
-    )
+    else:
+        config = model_config(model_name, vocab_size=vocab_size)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        model = model_from_config(
+            config, attn_implementation=attn_implementation, dtype=dtype, seed=seed
+        )
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
 def _from_pretrained(name: str | Path, attn_implementation: str, dtype: torch.dtype):
-    try:
+    check_model_source(name)
+    fix = (
+        "its files are damaged or incomplete: export or copy the model again"
+        if Path(name).is_dir()
+        else f"give a local folder, a built-in config ({', '.join(BUILTIN_NAMES)}) or a Hugging "
+        "Face id"
+    )
+    with _reading("model", name, fix):
         return AutoModelForCausalLM.from_pretrained(
             str(name), attn_implementation=attn_implementation, dtype=dtype
         )
-    except OSError as err:
-        raise ConfigError(
-            [
-                f"cannot load model {str(name)!r} ({err}); give a local folder, a built-in config "
-                f"({', '.join(BUILTIN_NAMES)}) or a Hugging Face id"
-            ]
-        ) from err
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -9,7 +9,6 @@ checkpoints; this module owns the data stream and the counters. The update itsel
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,7 +18,6 @@ from typing import Any
 import deepspeed
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig, build_deepspeed_config
@@ -27,21 +25,28 @@ from maml_ds.data.prompts import PromptFormat
 from maml_ds.data.reader import Example, load_meta_train_examples
 from maml_ds.data.sampler import subsample_stratified
 from maml_ds.data.tasks import load_setting, load_task_config
+from maml_ds.files import write_atomic
 from maml_ds.meta import SharedMomentAdamW
 from maml_ds.models import build_model, resolve_tokenizer
-from maml_ds.training import checkpoint
+from maml_ds.training import checkpoint, run_record
+from maml_ds.training.export import export_engine
 from maml_ds.training.maml import MamlStep, build_task_sampler
 from maml_ds.training.metaicl import build_prompt_sampler, metaicl_step
+from maml_ds.training.progress import TrainProgress
 from maml_ds.training.state import StepStats, TrainContext, TrainState
+from maml_ds.training.stop import NonFiniteStop, Preempted, PreemptionWatch
 from maml_ds.training.zero_layout import write_monitor_events
 
 __all__ = [
     "CHECKPOINTS",
     "CONFIG_FILE",
+    "HISTORY_FILE",
     "STEPS",
     "StepFunction",
     "StepKind",
     "build_optimizer",
+    "checkpoint_path",
+    "cut_history",
     "export_model",
     "fit",
     "linear_schedule",
@@ -54,6 +59,7 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+HISTORY_FILE = "history.jsonl"
 
 StepFunction = Callable[[TrainContext], StepStats]
 """One optimizer update of a run: ``step(ctx) -> StepStats``."""
@@ -130,7 +136,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
         torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / CHECKPOINTS
-    if not resume and checkpoint.latest_tag(ckpt_dir) is not None:
+    if not resume and checkpoint.holds_checkpoints(ckpt_dir):
         raise checkpoint.CheckpointError(
             f"{out_dir} already holds checkpoints: pass --resume to continue that run, or "
             "choose another --out (nothing was overwritten)"
@@ -138,7 +144,6 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
     with D.main_first():
         if D.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(out_dir / CONFIG_FILE)
         tokenizer = resolve_tokenizer(
             cfg.model.name,
             tokenizer=cfg.model.tokenizer,
@@ -152,6 +157,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
         seed=cfg.seed,
         attn_implementation=cfg.model.attn_implementation,
         dropout=cfg.model.dropout,
+        activation_checkpointing=cfg.model.activation_checkpointing,
     )
     ds_config = build_deepspeed_config(cfg, D.world_size())
     optimizer = build_optimizer(cfg, model)
@@ -167,10 +173,18 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
     sampler = STEPS[cfg.method_spec.kind].build_sampler(cfg, tasks)
     ctx = TrainContext(cfg, engine, tokenizer, fmt, sampler, TrainState(), out_dir)
     if resume:
-        client = checkpoint.load(engine, ckpt_dir)
+        client = checkpoint.load(engine, ckpt_dir, config=cfg.to_dict(), world_size=D.world_size())
         ctx.state = TrainState(**client["train_state"])
         ctx.sampler.load_state_dict(client["sampler"])
+        run_record.rebuild_schedule(scheduler, cfg.optim.lr)
+    if D.is_main():  # the run's record, once its checkpoint loaded or training starts
+        cfg.save(out_dir / CONFIG_FILE)
     return ctx
+
+
+def checkpoint_path(ctx: TrainContext) -> Path:
+    """The checkpoint folder of the context's current step."""
+    return ctx.out_dir / CHECKPOINTS / f"step{ctx.state.step}"
 
 
 def save_checkpoint(ctx: TrainContext) -> Path:
@@ -187,22 +201,33 @@ def step_function(ctx: TrainContext) -> StepFunction:
     return STEPS[ctx.cfg.method_spec.kind].make_step(ctx)
 
 
-def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, float]]:
-    """Run updates until ``max_steps`` (or ``stop_after`` more updates, for tests)."""
+def fit(
+    ctx: TrainContext, *, stop_after: int | None = None, max_consecutive_skips: int = 10
+) -> list[dict[str, float]]:
+    """Run updates until ``max_steps`` (or ``stop_after`` more updates, for tests).
+
+    Every update's record is appended to ``history.jsonl`` as it happens (rank 0, flushed), so a
+    killed job keeps it; records after the resumed step are dropped first. Stops with a
+    checkpoint and a typed error (`stop.RunStopped`) after ``max_consecutive_skips`` skipped
+    updates in a row (0: never) or on SIGTERM / SIGUSR1 (docs/reliability.md).
+    """
     cfg, state = ctx.cfg, ctx.state
     step_fn = step_function(ctx)
     last = cfg.max_steps if stop_after is None else min(cfg.max_steps, state.step + stop_after)
     history: list[dict[str, float]] = []
-    console = Console(stderr=True)
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, console=console, disable=not D.is_main()) as progress:
-        bar = progress.add_task(cfg.method, total=cfg.max_steps, completed=state.step, info="")
+    history_file = ctx.out_dir / HISTORY_FILE
+    if D.is_main():
+        cut_history(history_file, state.step)
+    saved_step = state.step if state.step > 0 else None  # resumed: that checkpoint exists
+    progress = TrainProgress(
+        cfg.method,
+        total=cfg.max_steps,
+        start=state.step,
+        last=last,
+        log_every=cfg.log_every,
+        enabled=D.is_main(),
+    )
+    with progress, PreemptionWatch() as preemption:
         started = time.perf_counter()
         prompts_done = 0
         while state.step < last:
@@ -210,7 +235,10 @@ def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, f
             state.step += 1
             state.num_prompts += stats.num_prompts
             state.num_batches += stats.num_batches
-            state.num_skipped += int(stats.skipped or not math.isfinite(stats.loss))
+            state.num_skipped += int(stats.skipped)
+            state.num_overflow += int(stats.overflow)
+            applied = not (stats.skipped or stats.overflow)
+            state.consecutive_skips = 0 if applied else state.consecutive_skips + 1
             prompts_done += stats.num_prompts
             rate = prompts_done / max(1e-9, time.perf_counter() - started)
             record = {
@@ -219,50 +247,99 @@ def fit(ctx: TrainContext, *, stop_after: int | None = None) -> list[dict[str, f
                 "prompts_per_s": rate,
                 "num_batches": state.num_batches,
                 "skipped": float(stats.skipped),
+                "overflow": float(stats.overflow),
             }
             record.update(stats.extra)
             history.append(record)
+            if D.is_main():
+                with history_file.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             write_monitor_events(
                 ctx.engine, state.step, {k: v for k, v in record.items() if k != "step"}
             )
-            info = (
-                f"loss {stats.loss:.4f}  batches {state.num_batches}  {rate:.1f} prompts/s"
-                + "".join(f"  {k} {v:.4g}" for k, v in stats.extra.items() if k.endswith("loss"))
+            counts = {"skipped": state.num_skipped, "overflow": state.num_overflow}
+            progress.update(
+                state.step,
+                loss=stats.loss,
+                lr=float(ctx.engine.get_lr()[0]),
+                prompts_per_s=rate,
+                extra={
+                    **{k: v for k, v in stats.extra.items() if k.endswith("loss")},
+                    **{k: float(v) for k, v in counts.items() if v},
+                },
             )
-            progress.update(bar, completed=state.step, info=info)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < last:
                 save_checkpoint(ctx)
-    save_checkpoint(ctx)
-    if D.is_main():
-        with (ctx.out_dir / "history.jsonl").open("a") as fh:
-            for record in history:
-                fh.write(json.dumps(record) + "\n")
+                saved_step = state.step
+            signal_name = preemption.requested()
+            diverged = 0 < max_consecutive_skips <= state.consecutive_skips
+            if signal_name is None and not diverged:
+                continue
+            tag = save_checkpoint(ctx) if saved_step != state.step else checkpoint_path(ctx)
+            if diverged:
+                raise NonFiniteStop(
+                    f"stopped at update {state.step}: the last {state.consecutive_skips} "
+                    f"updates were all skipped ({state.num_skipped} non-finite loss or gradient, "
+                    f"{state.num_overflow} fp16 overflow in the whole run); checkpoint "
+                    f"{tag.name} holds the weights after update "
+                    f"{state.step - state.consecutive_skips}, the last one "
+                    "applied. Lower --lr / --inner-lr (or set --gradient-clipping) and continue "
+                    "with --resume",
+                    tag,
+                )
+            raise Preempted(
+                f"{signal_name} received: stopped after update {state.step} with checkpoint "
+                f"{tag.name}; the same command with --resume continues exactly",
+                tag,
+            )
+    if saved_step != state.step:
+        save_checkpoint(ctx)
+    num_not_applied = state.num_skipped + state.num_overflow
+    if D.is_main() and state.step and 2 * num_not_applied > state.step:
+        Console(stderr=True).print(
+            f"[bold yellow]warning:[/] {num_not_applied} of {state.step} updates were skipped "
+            f"({state.num_skipped} non-finite loss or gradient, {state.num_overflow} fp16 "
+            "overflow): the model is mostly untrained; lower --lr / --inner-lr",
+            highlight=False,
+            soft_wrap=True,
+        )
     return history
 
 
+def cut_history(path: Path, step: int) -> None:
+    """Keep the records of ``history.jsonl`` up to ``step`` (a resumed run's checkpoint): what
+    a killed run wrote after its checkpoint is run again, and a half-written line goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line)
+    if kept != lines:
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def export_model(ctx: TrainContext, path: str | Path) -> Path:
-    """A Hugging Face folder (``from_pretrained`` loads it) with the tokenizer beside it."""
-    path = Path(path)
-    module = ctx.engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(
-        params, modifier_rank=None, enabled=ctx.cfg.deepspeed.zero_stage == 3
-    ):
-        if D.is_main():
-            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-            module.save_pretrained(path, state_dict=state)
-            ctx.tokenizer.save_pretrained(path)
-    D.barrier()
-    return path
+    """The fp32 master weights as a Hugging Face folder with the tokenizer (training/export.py)."""
+    return export_engine(ctx, path)
 
 
 def train(
-    cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None, export: bool = True
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    export: bool = True,
 ) -> list[dict[str, float]]:
     """The whole run: setup, fit, export to ``out_dir/final`` when finished, clean shutdown."""
     ctx = setup(cfg, resume=resume)
     try:
-        history = fit(ctx, stop_after=stop_after)
+        history = fit(ctx, stop_after=stop_after, max_consecutive_skips=cfg.max_consecutive_skips)
         if export and ctx.state.step >= cfg.max_steps:
             export_model(ctx, ctx.out_dir / "final")
     finally:

@@ -10,6 +10,7 @@ of the meta-gradient a single process would. The task mean reaches DeepSpeed thr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from maml_ds.data.reader import Example
 from maml_ds.data.sampler import PromptSpec, TaskSampler
 from maml_ds.losses import scored_loss_sum
 from maml_ds.meta.gradient import meta_gradient
+from maml_ds.training.sharded import ShardedPasses, uses_sharded_path
 from maml_ds.training.state import StepStats, TrainContext, local_task_batch
 from maml_ds.training.zero_layout import PartitionLayout, set_learning_rate_zero
 
@@ -50,14 +52,27 @@ def make_loss_fn(layout: PartitionLayout):
     return loss_fn
 
 
+def _moments_are_finite(state: Mapping[str, Any] | None) -> bool:
+    """The inner AdamW moments of this rank's partition are finite (None: an SGD inner loop)."""
+    if state is None:
+        return True
+    return all(
+        bool(torch.isfinite(m["exp_avg"]).all() and torch.isfinite(m["exp_avg_sq"]).all())
+        for m in state.values()
+    )
+
+
 class MamlStep:
     """One meta-update of MAML-2k-n per call (n tasks, each k inner steps + k query batches).
 
     Owns the engine's `PartitionLayout`, built once from the context's engine.
     """
 
-    def __init__(self, ctx: TrainContext):
+    def __init__(self, ctx: TrainContext, *, sharded: bool | None = None):
         self.layout = PartitionLayout(ctx.engine, ctx.cfg.deepspeed.zero_stage)
+        if sharded is None:  # ZeRO-3 hvp-fd / first-order: the sharded path (sharded.py)
+            sharded = uses_sharded_path(ctx.cfg)
+        self.sharded = ShardedPasses(ctx.engine, self.layout) if sharded else None
 
     def local_batch(self, ctx: TrainContext, prompts: list[PromptSpec]) -> dict[str, Any]:
         """This rank's slice of one global task batch (a check may feed other batches here)."""
@@ -68,11 +83,12 @@ class MamlStep:
         spec = cfg.method_spec
         k, n = spec.num_inner_steps, spec.num_tasks
         mode = "first-order" if spec.first_order else cfg.meta.second_order
-        loss_fn = make_loss_fn(layout)
+        loss_fn = make_loss_fn(layout) if self.sharded is None else self.sharded.loss_fn
         global_batch = cfg.deepspeed.micro_batch_size * D.world_size()
         snapshot = layout.snapshot_moments()
         params = {name: p for name, p in layout.param_by_name.items() if p.requires_grad}
         support_loss = query_loss = 0.0
+        moments_finite = True  # this rank's inner moments after every task
         accumulated: dict[str, Tensor] | None = None  # sum over tasks, this rank's partition
         for _ in range(n):
             batches = ctx.sampler.take(num_batches=2 * k, batch_size=global_batch)
@@ -93,6 +109,7 @@ class MamlStep:
                 fd_scale=cfg.meta.fd_scale,
                 norm_fn=layout.global_norm,
             )
+            moments_finite = moments_finite and _moments_are_finite(result.adam_state)
             layout.store_moments(result.adam_state)
             support_loss += D.all_reduce_sum(result.support_loss) / n
             query_loss += D.all_reduce_sum(result.query_loss) / n
@@ -102,29 +119,42 @@ class MamlStep:
                 torch._foreach_add_(list(accumulated.values()), list(result.grads.values()))
             del result
         assert accumulated is not None
-        grads = layout.gather({key: g / n for key, g in accumulated.items()}, differentiable=False)
+        mean = {key: g / n for key, g in accumulated.items()}
         del accumulated
-        # All ranks hold the same gathered meta-gradient, so this decision is the same everywhere.
-        skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
-        if skipped:
-            # Feed zeros at lr 0: parameters stay bit-exact (p * (1 - 0*wd) - 0 * ...), and the
-            # moments are put back below as they were before this update. The LR schedule
-            # advances.
-            grads = {name: torch.zeros_like(g) for name, g in grads.items()}
-            set_learning_rate_zero(engine)
-        # ZeRO-3: the surrogate and its backward must see full parameters (docs/engine.md).
-        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=layout.stage == 3):
-            surrogate = sum((p * grads[name]).sum() for name, p in params.items())
-            engine.backward(surrogate)
-        del grads, surrogate
-        engine.step()
+        # Checked before anything reaches the weights: the losses, every rank's partition of the
+        # meta-gradient and of the inner moments. A skipped update puts the moments back first
+        # (AdamW at lr 0 would still write 0 x NaN into the parameters), applies zeros at lr 0
+        # (parameters stay bit-exact; the LR schedule advances) and restores the moments again.
+        local_finite = moments_finite and all(bool(torch.isfinite(g).all()) for g in mean.values())
+        skipped = D.all_reduce_sum(0.0 if local_finite else 1.0) > 0 or not (
+            math.isfinite(support_loss) and math.isfinite(query_loss)
+        )
         if skipped:
             layout.restore_moments(snapshot)
-        skipped = skipped or not engine.was_step_applied()
+        if self.sharded is not None:  # nothing full-size: the mean partition is the gradient
+            self.sharded.update(mean, skip=skipped)
+            del mean
+        else:
+            grads = layout.gather(mean, differentiable=False)
+            del mean
+            if skipped:
+                grads = {name: torch.zeros_like(g) for name, g in grads.items()}
+                set_learning_rate_zero(engine)
+            # ZeRO-3: the surrogate and its backward must see full parameters (docs/engine.md).
+            with deepspeed.zero.GatheredParameters(
+                list(params.values()), enabled=layout.stage == 3
+            ):
+                surrogate = sum((p * grads[name]).sum() for name, p in params.items())
+                engine.backward(surrogate)
+            del grads, surrogate
+            engine.step()
+        if skipped:
+            layout.restore_moments(snapshot)
         return StepStats(
             loss=query_loss,
             num_prompts=2 * k * n * global_batch,
             num_batches=2 * k * n,
             skipped=skipped,
+            overflow=not skipped and not engine.was_step_applied(),
             extra={"support_loss": support_loss, "query_loss": query_loss},
         )

@@ -9,6 +9,8 @@ x micro-batch 2 (tests/engine/test_metaicl.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from maml_ds import distributed as D
@@ -18,6 +20,13 @@ from maml_ds.data.reader import Example
 from maml_ds.data.sampler import MetaICLSampler
 from maml_ds.losses import scored_loss_sum
 from maml_ds.training.state import StepStats, TrainContext, encode_prompts, num_loss_tokens
+from maml_ds.training.zero_layout import (
+    gradients_are_finite,
+    restore_optimizer_state,
+    set_learning_rate_zero,
+    snapshot_optimizer_state,
+    zero_gradients,
+)
 
 __all__ = ["build_prompt_sampler", "metaicl_step", "scored_token_sum"]
 
@@ -53,11 +62,25 @@ def metaicl_step(ctx: TrainContext) -> StepStats:
         token_sum = scored_token_sum(ctx.engine, batch)
         ctx.engine.backward(token_sum * scale)
         loss_sum += float(token_sum.detach())
-    ctx.engine.step()
+    # Checked before anything reaches the weights: the global loss and every rank's reduced
+    # gradients (under fp16 those are loss-scaled: DeepSpeed's overflow check owns them). A
+    # skipped update applies zeros at lr 0 (parameters stay bit-exact; the LR schedule
+    # advances) and puts the optimizer state back as it was.
     loss = D.all_reduce_sum(loss_sum) / total_scored
+    skipped = not math.isfinite(loss)
+    if ds.precision != "fp16":
+        skipped = not gradients_are_finite(ctx.engine, ds.zero_stage) or skipped
+    if skipped:
+        snapshot = snapshot_optimizer_state(ctx.engine)
+        zero_gradients(ctx.engine, ds.zero_stage)
+        set_learning_rate_zero(ctx.engine)
+    ctx.engine.step()
+    if skipped:
+        restore_optimizer_state(ctx.engine, snapshot)
     return StepStats(
         loss=loss,
         num_prompts=len(prompts),
         num_batches=gas * world,
-        skipped=not ctx.engine.was_step_applied(),
+        skipped=skipped,
+        overflow=not skipped and not ctx.engine.was_step_applied(),
     )

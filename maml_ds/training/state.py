@@ -38,7 +38,11 @@ class TrainState:
     """Batches processed (MetaICL: micro-batches x ranks; MAML: 2kn per meta-update)."""
     num_prompts: int = 0
     num_skipped: int = 0
-    """Updates skipped for a non-finite loss or meta-gradient."""
+    """Updates skipped for a non-finite loss, (meta-)gradient or inner moments (ours)."""
+    num_overflow: int = 0
+    """Updates DeepSpeed itself skipped (fp16 loss-scale overflow; normal early in a run)."""
+    consecutive_skips: int = 0
+    """Updates not applied in a row up to `step` (skipped or overflow; 0: the last one applied)."""
 
 
 @dataclass
@@ -48,7 +52,9 @@ class StepStats:
     num_batches: int
     """Batches processed across ranks in this update."""
     skipped: bool = False
-    """The update was skipped (non-finite loss or gradient)."""
+    """The update was skipped before anything was written (non-finite loss or gradient)."""
+    overflow: bool = False
+    """DeepSpeed skipped the step (fp16 loss-scale overflow: it lowers the scale and retries)."""
     extra: dict[str, float] = field(default_factory=dict)
 
 

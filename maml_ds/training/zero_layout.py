@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,14 @@ __all__ = [
     "checkpoint_client_state",
     "checkpoint_state_dict",
     "client_optimizer",
+    "gradients_are_finite",
     "internals_problems",
     "is_checkpoint_tag",
+    "restore_optimizer_state",
     "set_learning_rate_zero",
+    "snapshot_optimizer_state",
     "write_monitor_events",
+    "zero_gradients",
 ]
 
 TESTED_DEEPSPEED = "0.19.8"
@@ -56,6 +60,69 @@ def set_learning_rate_zero(engine) -> None:
     sets lr from its lambda again right after the step)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = 0.0
+
+
+def _reduced_gradients(engine, stage: int) -> list[Tensor]:
+    """This rank's reduced gradients that `engine.step()` is about to apply (after the boundary
+    backward): each parameter's gradient at ZeRO-0 (DeepSpeed's public getter), this rank's
+    partitions in the optimizer's `averaged_gradients` at ZeRO 1-3."""
+    if stage == 0:
+        grads = (deepspeed.utils.safe_get_full_grad(p) for p in engine.module.parameters())
+        return [g for g in grads if g is not None]
+    out: list[Tensor] = []
+    for group in engine.optimizer.averaged_gradients.values():
+        if group is None:
+            continue
+        flat = getattr(group, "flat_partition", None)  # ZeRO-2 may keep one pre-flattened copy
+        out += [flat] if flat is not None else [g for g in group if g is not None]
+    return out
+
+
+def gradients_are_finite(engine, stage: int) -> bool:
+    """Every rank's reduced gradients are finite (a collective: all ranks call it). Call after
+    the boundary backward and before `engine.step()`."""
+    local = all(bool(torch.isfinite(g).all()) for g in _reduced_gradients(engine, stage))
+    return D.all_reduce_sum(0.0 if local else 1.0) == 0.0
+
+
+@torch.no_grad()
+def zero_gradients(engine, stage: int) -> None:
+    """Set the reduced gradients `engine.step()` will apply to zero (a skipped update)."""
+    if stage == 0:
+        for p in engine.module.parameters():
+            if deepspeed.utils.safe_get_full_grad(p) is not None:
+                deepspeed.utils.safe_set_full_grad(p, torch.zeros_like(p))
+        return
+    for g in _reduced_gradients(engine, stage):
+        g.zero_()
+
+
+def snapshot_optimizer_state(engine) -> dict[Tensor, dict[str, Any]]:
+    """A copy of this rank's whole client-optimizer state (moments, step counts), keyed by the
+    tensors it is kept for (parameters at ZeRO-0, this rank's flat partitions at ZeRO 1-3)."""
+    state = client_optimizer(engine).state
+    return {
+        owner: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+        for owner, entry in state.items()
+    }
+
+
+@torch.no_grad()
+def restore_optimizer_state(engine, snapshot: Mapping[Tensor, Mapping[str, Any]]) -> None:
+    """Put the client-optimizer state back exactly: the same entries (any created since is
+    dropped) with the same values, in the same tensors."""
+    state = client_optimizer(engine).state
+    for owner in [o for o in state if o not in snapshot]:
+        del state[owner]
+    for owner, saved in snapshot.items():
+        entry = state[owner]
+        for key in [k for k in entry if k not in saved]:
+            del entry[key]
+        for key, value in saved.items():
+            if isinstance(value, Tensor) and isinstance(entry.get(key), Tensor):
+                entry[key].copy_(value)
+            else:
+                entry[key] = value
 
 
 def write_monitor_events(engine, step: int, values: Mapping[str, float]) -> None:
@@ -118,6 +185,9 @@ def internals_problems(engine, stage: int) -> list[str]:
         attrs = _STAGE_3 if stage == 3 else _STAGE_1_2 if stage in (1, 2) else {}
         for attr, (check, what) in attrs.items():
             need(zopt, "engine.optimizer", attr, check, what)
+        if stage in (1, 2, 3):
+            need(zopt, "engine.optimizer", "averaged_gradients", lambda v: isinstance(v, dict),
+                 "a dict (group -> this rank's reduced gradients)")  # fmt: skip
         if stage == 3:
             for p in [p for group in getattr(zopt, "fp16_groups", None) or [] for p in group]:
                 where = "a ZeRO-3 parameter"
@@ -397,25 +467,13 @@ class PartitionLayout:
             return [self.param_by_name[n] for n in self.groups[0].names]
         return list(self._partitions)
 
-    def snapshot_moments(self) -> list[dict[str, Any]]:
+    def snapshot_moments(self) -> dict[Tensor, dict[str, Any]]:
         """A copy of this rank's whole optimizer state (to restore when an update is skipped)."""
-        return [
-            {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.opt.state[t].items()}
-            for t in self.state_owners()
-        ]
+        return snapshot_optimizer_state(self.engine)
 
-    @torch.no_grad()
-    def restore_moments(self, snapshot: Sequence[Mapping[str, Any]]) -> None:
+    def restore_moments(self, snapshot: Mapping[Tensor, Mapping[str, Any]]) -> None:
         """Put the state back exactly: same keys (state created since is dropped), same values."""
-        for owner, saved in zip(self.state_owners(), snapshot, strict=True):
-            state = self.opt.state[owner]
-            for key in [k for k in state if k not in saved]:
-                del state[key]
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and isinstance(state.get(key), Tensor):
-                    state[key].copy_(value)
-                else:
-                    state[key] = value
+        restore_optimizer_state(self.engine, snapshot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,3 +519,72 @@ def checkpoint_client_state(tag_dir: Path) -> dict[str, Any] | None:
         if (tag_dir / name).is_file():  # ZeRO 0-2 / ZeRO-3 (one file per rank)
             return torch.load(tag_dir / name, map_location="cpu", weights_only=False)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# ZeRO-3 sharded passes (training/sharded.py): a parameter point written into the shards, the
+# reduced gradient partition read back. Nothing full-size is built here.
+# --------------------------------------------------------------------------------------------
+# The shards are each parameter's `ds_tensor` (model dtype); the fp32 master is separate
+# storage. Parameters under `stage3_param_persistence_threshold` stay gathered between passes,
+# so a write to their shard alone would be invisible: every full copy is released first and the
+# persistent ones are gathered again after the write (as ZeRO-3's own post-step does). The
+# gradients are read and written through DeepSpeed's public partition API
+# (`deepspeed.utils.safe_get_local_grad` / `safe_set_local_grad`): each parameter's shard of
+# the gradient averaged over ranks.
+
+
+def _zero3_params(layout: PartitionLayout) -> list[list[Tensor]]:
+    return [[layout.param_by_name[n] for n in group.names] for group in layout.groups]
+
+
+@torch.no_grad()
+def write_zero3_point(layout: PartitionLayout, point: Mapping[str, Tensor]) -> None:
+    """Make the module compute at `point` (this rank's fp32 partition per group, `layout.keys`):
+    every rank writes its own shards; a collective (all ranks call it together)."""
+    offload = layout.engine.optimizer.parameter_offload
+    offload.partition_all_parameters()
+    for key, group, params in zip(layout.keys, layout.groups, _zero3_params(layout), strict=True):
+        assert group.shard_numels is not None
+        for p, shard in zip(params, point[key].split(group.shard_numels), strict=True):
+            p.ds_tensor.copy_(shard)
+    persistent = [p for p in layout.module.parameters() if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].all_gather(persistent)
+
+
+def read_zero3_grads(layout: PartitionLayout) -> dict[str, Tensor]:
+    """This rank's partition (fp32, per group) of the gradient averaged over ranks by the last
+    backward, in new storage."""
+    from deepspeed.utils import safe_get_local_grad
+
+    out = {}
+    for key, group, params in zip(layout.keys, layout.groups, _zero3_params(layout), strict=True):
+        assert group.shard_numels is not None
+        flat = torch.zeros(sum(group.shard_numels), dtype=torch.float32, device=D.device())
+        # One parameter at a time into the flat: at 16 bits each read is an fp32 copy.
+        for p, piece in zip(params, flat.split(group.shard_numels), strict=True):
+            grad = safe_get_local_grad(p) if p.requires_grad else None
+            if grad is not None:
+                piece.copy_(grad.reshape(-1))
+            del grad
+        out[key] = flat
+    return out
+
+
+@torch.no_grad()
+def write_zero3_grads(layout: PartitionLayout, grads: Mapping[str, Tensor]) -> None:
+    """Set this rank's gradient partition (the rank-averaged value `engine.step()` applies); the
+    step must have run one engine.backward before."""
+    from deepspeed.utils import safe_set_local_grad
+
+    for key, group, params in zip(layout.keys, layout.groups, _zero3_params(layout), strict=True):
+        assert group.shard_numels is not None
+        for p, shard in zip(params, grads[key].split(group.shard_numels), strict=True):
+            if p.requires_grad:
+                safe_set_local_grad(p, shard)
+
+
+def clear_zero3_grads(engine) -> None:
+    """Forget the gradients of the last backward: the next one is copied, not accumulated."""
+    engine.optimizer.zero_grad(set_to_none=True)

@@ -52,6 +52,7 @@ def test_a_missing_internal_is_named_with_the_tested_version():
         parallel_partitioned_bit16_groups=[[torch.zeros(2)]],
         bit16_groups_flat=[torch.zeros(2)],
         single_partition_of_fp32_groups=[torch.zeros(2)],
+        averaged_gradients={},
     )
     engine = SimpleNamespace(
         optimizer=zero2, monitor=SimpleNamespace(enabled=False, write_events=print)
