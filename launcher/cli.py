@@ -11,8 +11,16 @@ app = typer.Typer(
     help="MAML-en-LLM and MetaICL meta-training of causal LMs on DeepSpeed.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"maml-ds {version('maml-ds')}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -21,6 +29,12 @@ def _root(
         int | None,
         typer.Option("--local_rank", hidden=True, help="set by DeepSpeed's launcher; unused"),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version, exit"
+        ),
+    ] = False,
 ) -> None:
     """MAML-en-LLM and MetaICL meta-training of causal LMs on DeepSpeed."""
 
@@ -31,8 +45,10 @@ def _root(
 from launcher.config_flags import SectionedHelp  # noqa: E402
 from launcher.data_cmd import data_app  # noqa: E402
 from launcher.eval_cmd import adapt_command, compare_command, eval_command  # noqa: E402
+from launcher.export_cmd import export_command  # noqa: E402
 from launcher.launch import launch  # noqa: E402
 from launcher.memory_cmd import memory  # noqa: E402
+from launcher.plot_cmd import plot_command  # noqa: E402
 from launcher.train_cmd import train_command  # noqa: E402
 
 app.command("train", cls=SectionedHelp)(train_command)
@@ -41,6 +57,8 @@ app.command("adapt")(adapt_command)
 app.command("compare")(compare_command)
 app.command("launch")(launch)
 app.command("memory")(memory)
+app.command("export")(export_command)
+app.command("plot")(plot_command)
 app.add_typer(data_app, name="data")
 
 

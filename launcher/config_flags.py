@@ -29,6 +29,7 @@ SHORT_NAMES: dict[str, tuple[str, ...]] = {
     "data.num_demonstrations": ("--k",),
     "optim.lr": ("--lr", "--outer-lr"),
     "deepspeed.zero_stage": ("--zero",),
+    "deepspeed.config_file": ("--deepspeed-config",),
 }
 """Flags that are not their field's name (config key -> flag and aliases)."""
 

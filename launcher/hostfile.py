@@ -3,7 +3,8 @@
 `parse_hostfile` accepts what DeepSpeed's own parser (`deepspeed.launcher.runner._parse_hostfile`)
 accepts, minus what would only fail later (``slots=0``), and reports *every* problem with its line
 number and the fix. `check_resources` compares a hostfile with ``--nodes``/``--gpus``: DeepSpeed
-takes the first ``num_nodes`` hosts and ``num_gpus`` slots on each.
+takes the first ``num_nodes`` hosts and ``num_gpus`` slots on each; `select_slots` applies
+``--include``/``--exclude`` with DeepSpeed's own parser.
 """
 
 from __future__ import annotations
@@ -124,3 +125,23 @@ def check_resources(
 
 def format_hostfile(entries: list[HostEntry]) -> str:
     return "".join(f"{e.host} slots={e.slots}\n" for e in entries)
+
+
+def select_slots(
+    entries: list[HostEntry], include: str | None, exclude: str | None
+) -> list[HostEntry]:
+    """The hosts and slot counts that DeepSpeed's ``--include``/``--exclude`` leave of `entries`
+    (``host1:0,1@host2`` syntax), computed by DeepSpeed's own parser."""
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    flag = "--include" if include else "--exclude"
+    try:
+        active = parse_inclusion_exclusion(
+            {e.host: e.slots for e in entries}, include or "", exclude or ""
+        )
+    except (ValueError, KeyError) as err:
+        raise HostfileError([f"{flag} {include or exclude!r}: {err}"]) from None
+    selected = [HostEntry(host, len(slots)) for host, slots in active.items() if slots]
+    if not selected:
+        raise HostfileError([f"{flag} {include or exclude!r} leaves no slot to run on"])
+    return selected

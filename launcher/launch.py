@@ -1,11 +1,11 @@
 """`maml-ds launch`: resolve one RunConfig, write the run folder, print and run `deepspeed`.
 
-The run folder holds what a rank needs (config.json: every rank runs `maml-ds train --config
-RUN/config.json`) and what a person reads afterwards (ds_config.json, hostfile, launch.sh). The
-`maml-ds train` options after `--` are parsed with train's own flags (launcher/config_flags.py)
-and written into config.json, so a typo fails once, here. One node runs locally; several nodes
-run over ssh (pdsh, from node 0) or without it (`--no-ssh --node-rank R`, one launch per node,
-the run folder on a shared file system). See docs/launch.md.
+The run folder holds what a rank reads (config.json: every rank runs `maml-ds train --config
+RUN/config.json`; ds_config.json, merged over the DeepSpeed JSON the rank builds) and what a
+person reads afterwards (hostfile, launch.sh). The `maml-ds train` options after `--` are parsed
+with train's own flags (launcher/config_flags.py), so a typo fails once, here. The preset follows
+the machine's CUDA devices unless given. SIGINT/SIGTERM/SIGUSR1 are forwarded to the DeepSpeed
+runner's process group. See docs/launch.md.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -33,10 +34,29 @@ from launcher.hostfile import (
     format_hostfile,
     hosts_from_list,
     read_hostfile,
+    select_slots,
 )
-from launcher.presets import Preset, apply_preset, check_precision, resolve_preset
+from launcher.presets import (
+    Device,
+    Preset,
+    apply_preset,
+    check_precision,
+    device_problems,
+    local_devices,
+    preset_for_devices,
+    resolve_preset,
+)
+from launcher.process_group import run_forwarding_signals
 from launcher.train_cmd import train_command
-from maml_ds.config import ConfigError, RunConfig, build_deepspeed_config
+from maml_ds.config import (
+    ConfigError,
+    RunConfig,
+    build_deepspeed_config,
+    deepspeed_contradictions,
+    merge_deepspeed_config,
+    read_deepspeed_json,
+    without_keys,
+)
 from maml_ds.files import write_atomic
 
 CONFIG_FILE = "config.json"
@@ -50,8 +70,10 @@ OWNED_TRAIN_FLAGS = {
     "method": "use --method before `--`",
     "zero": "use --zero before `--`",
     "precision": "use --precision before `--`",
+    "deepspeed_config": "use --deepspeed-config before `--`",
 }
 """train options that launch sets itself, so they cannot come after `--`."""
+Launcher = Literal["pdsh", "openmpi", "slurm", "mpich"]
 
 
 @dataclass
@@ -68,6 +90,10 @@ class LaunchPlan:
     argv: list[str]
     resume: bool = False
     """`-- --resume`: the ranks continue from the run's latest checkpoint."""
+    preset_reason: str = "--preset"
+    """Why this preset: given, or what the machine's devices chose."""
+    devices: list[Device] = field(default_factory=list)
+    """This machine's CUDA devices (for the real-launch checks)."""
     env: dict[str, str] = field(default_factory=dict)
     """Variables the ranks need on top of the current environment."""
     notes: list[str] = field(default_factory=list)
@@ -147,31 +173,57 @@ def _resolve_hosts(
 def plan_launch(
     *,
     method: str,
-    nodes: int = 1,
-    gpus: int = 1,
+    nodes: int | None = None,
+    gpus: int | None = None,
     hostfile: Path | None = None,
     hosts: str | None = None,
-    preset: str = "cpu",
+    preset: str | None = None,
     zero: int | None = None,
     precision: str | None = None,
+    deepspeed_config: Path | None = None,
     master_port: int = DEFAULT_MASTER_PORT,
     master_addr: str | None = None,
     run_dir: Path | None = None,
     no_ssh: bool = False,
     node_rank: int | None = None,
+    launcher: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    ssh_port: int | None = None,
+    devices: Sequence[Device] | None = None,
     train_options: list[str] | None = None,
 ) -> LaunchPlan:
     """Resolve the flags into a LaunchPlan; raise one ConfigError listing every problem.
 
     The run's own rules are RunConfig.validate's; only what concerns starting ranks is here.
+    `devices` (default: this machine's) choose the preset when `preset` is None.
     """
     problems: list[str] = []
+    selecting = include is not None or exclude is not None
+    if selecting:
+        if include is not None and exclude is not None:
+            problems.append("give --include or --exclude, not both (DeepSpeed's rule)")
+        if nodes is not None or gpus is not None:
+            problems.append(
+                "--include/--exclude choose the nodes and slots: drop --nodes/--gpus "
+                "(DeepSpeed refuses both)"
+            )
+        if hostfile is None:
+            problems.append("--include/--exclude select slots of a --hostfile: give one")
+    nodes = 1 if nodes is None else nodes
+    gpus = 1 if gpus is None else gpus
+    for flag, port in (("--master-port", master_port), ("--ssh-port", ssh_port)):
+        if port is not None and not 1 <= port <= 65535:
+            problems.append(f"{flag} must be in 1..65535, got {port}")
+    if launcher is not None and no_ssh:
+        problems.append(
+            f"--launcher {launcher} starts every node from node 0; --no-ssh starts this "
+            "node's ranks only: drop one"
+        )
     if nodes < 1:
         problems.append(f"--nodes must be >= 1, got {nodes}")
     if gpus < 1:
         problems.append(f"--gpus must be >= 1 (GPUs, or CPU ranks with --preset cpu), got {gpus}")
-    if not 1 <= master_port <= 65535:
-        problems.append(f"--master-port must be in 1..65535, got {master_port}")
     if hostfile is not None and hosts is not None:
         problems.append("give --hostfile F or --hosts h1,h2,..., not both")
     if nodes > 1 and hostfile is None and hosts is None:
@@ -190,9 +242,14 @@ def plan_launch(
                 "--no-ssh needs --run-dir (every node's launch must name the same run folder)"
             )
     cfg = RunConfig(method=method)
+    devices = local_devices() if devices is None else list(devices)
     preset_obj: Preset | None = None
+    reason = "--preset"
     try:
-        preset_obj = resolve_preset(preset)
+        if preset is None:
+            preset_obj, reason = preset_for_devices(devices)
+        else:
+            preset_obj = resolve_preset(preset)
         apply_preset(cfg, preset_obj)
         if precision is not None:
             check_precision(preset_obj, precision)
@@ -202,6 +259,8 @@ def plan_launch(
         cfg.deepspeed.zero_stage = zero
     if precision is not None:
         cfg.deepspeed.precision = precision  # type: ignore[assignment]
+    if deepspeed_config is not None:
+        cfg.deepspeed.config_file = str(deepspeed_config.expanduser().resolve())
     resume, stop_after = False, None
     try:
         resume, stop_after = apply_train_options(cfg, list(train_options or []))
@@ -210,7 +269,13 @@ def plan_launch(
     _absolute_paths(cfg)
     problems.extend(cfg.problems())
     entries: list[HostEntry] = []
-    if nodes >= 1 and gpus >= 1 and not (hostfile is not None and hosts is not None):
+    if selecting and hostfile is not None:
+        try:
+            entries = read_hostfile(hostfile)
+            nodes, gpus = _selected_shape(select_slots(entries, include, exclude))
+        except ConfigError as err:
+            problems.extend(err.problems)
+    elif nodes >= 1 and gpus >= 1 and not (hostfile is not None and hosts is not None):
         try:
             entries, _ = _resolve_hosts(nodes, gpus, hostfile, hosts)
         except ConfigError as err:
@@ -224,12 +289,26 @@ def plan_launch(
         run_dir = Path("runs") / f"{cfg.method_spec.name}-{stamp}"
     run_dir = run_dir.expanduser().resolve()
     cfg.out_dir = str(run_dir)
-    world = nodes * gpus
-    ds_config = build_deepspeed_config(cfg, world)
+    notes: list[str] = []
+    run_ds_config = run_dir / DS_CONFIG_FILE
+    if cfg.deepspeed.config_file is None and run_ds_config.is_file():
+        ds_config = _relaunch_ds_config(cfg, nodes * gpus, run_ds_config, notes)
+    else:
+        ds_config = build_deepspeed_config(cfg, nodes * gpus)
+    cfg.deepspeed.config_file = str(run_ds_config)  # what the ranks merge: the written JSON
 
     argv = [_executable("deepspeed"), "--hostfile", str(run_dir / HOSTFILE)]
+    if launcher is not None:
+        argv += ["--launcher", launcher]
+    if include is not None:
+        argv += ["--include", include]
+    if exclude is not None:
+        argv += ["--exclude", exclude]
+    if ssh_port is not None:
+        argv += ["--ssh_port", str(ssh_port)]
     if no_ssh:
-        addr = master_addr or _default_master_addr(entries[0].host)
+        first = entries[0].host
+        addr = master_addr or ("127.0.0.1" if first in ("localhost", "127.0.0.1") else first)
         argv += ["--no_ssh", "--node_rank", str(node_rank), "--master_addr", addr]
     elif nodes == 1:
         # One node: DeepSpeed launches locally; without these it would ssh to the host to check
@@ -237,9 +316,9 @@ def plan_launch(
         argv += ["--no_ssh_check", "--master_addr", master_addr or "127.0.0.1"]
     elif master_addr is not None:
         argv += ["--master_addr", master_addr]
+    if not selecting:  # DeepSpeed refuses --num_nodes/--num_gpus beside --include/--exclude
+        argv += ["--num_nodes", str(nodes), "--num_gpus", str(gpus)]
     argv += [
-        "--num_nodes", str(nodes),
-        "--num_gpus", str(gpus),
         "--master_port", str(master_port),
         _executable("maml-ds"), "train", "--config", str(run_dir / CONFIG_FILE),
     ]  # fmt: skip
@@ -248,14 +327,38 @@ def plan_launch(
         argv.append("--resume")
     if stop_after is not None:
         argv += ["--stop-after", str(stop_after)]
+    env = preset_obj.env(gpus, os.environ, len(os.sched_getaffinity(0)))
     return LaunchPlan(
         run_dir, cfg, ds_config, entries, preset_obj, nodes, gpus, argv, resume,
-        dict(preset_obj.env),
+        preset_reason=reason, devices=devices, env=env, notes=notes,
     )  # fmt: skip
 
 
-def _default_master_addr(first_host: str) -> str:
-    return "127.0.0.1" if first_host in ("localhost", "127.0.0.1") else first_host
+def _relaunch_ds_config(
+    cfg: RunConfig, world_size: int, existing: Path, notes: list[str]
+) -> dict[str, Any]:
+    """The run folder's DeepSpeed JSON (edits included) merged over the built one, for a launch
+    into a folder an earlier launch wrote: keys a maml-ds setting decides follow this launch's
+    flags (a note names each change); the other keys are the user's control surface."""
+    built = build_deepspeed_config(cfg, world_size)
+    user = read_deepspeed_json(existing)
+    changed = deepspeed_contradictions(built, user, existing)
+    for key in changed:
+        notes.append(f"{existing}: {key} follows this launch's flags now")
+    notes.append(f"{existing} (edits included) merged over the built DeepSpeed config")
+    return merge_deepspeed_config(built, without_keys(user, list(changed)), existing)
+
+
+def _selected_shape(selected: list[HostEntry]) -> tuple[int, int]:
+    """(nodes, ranks per node) of an --include/--exclude selection (the same on every node)."""
+    counts = {e.slots for e in selected}
+    if len(counts) != 1:
+        per_host = ", ".join(f"{e.host}: {e.slots}" for e in selected)
+        raise ConfigError(
+            [f"--include/--exclude leave different slot counts per host ({per_host}); "
+             "maml-ds runs the same number of ranks on every node"]
+        )  # fmt: skip
+    return len(selected), counts.pop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,22 +366,37 @@ def _default_master_addr(first_host: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def write_run_folder(plan: LaunchPlan) -> None:
+def write_run_folder(plan: LaunchPlan, folder: Path | None = None) -> None:
+    """The run folder's files, into `folder` (default: the run folder itself)."""
     # Atomic writes: every node of a --no-ssh launch writes the same files into the shared folder.
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    plan.config.save(plan.run_dir / CONFIG_FILE)
-    write_atomic(plan.run_dir / DS_CONFIG_FILE, json.dumps(plan.ds_config, indent=2) + "\n")
-    write_atomic(plan.run_dir / HOSTFILE, format_hostfile(plan.hosts))
+    folder = plan.run_dir if folder is None else folder
+    folder.mkdir(parents=True, exist_ok=True)
+    plan.config.save(folder / CONFIG_FILE)
+    write_atomic(folder / DS_CONFIG_FILE, json.dumps(plan.ds_config, indent=2) + "\n")
+    write_atomic(folder / HOSTFILE, format_hostfile(plan.hosts))
     script = f"#!/usr/bin/env bash\n# written by maml-ds launch\n{plan.command_line()}\n"
-    write_atomic(plan.run_dir / COMMAND_FILE, script, mode=0o755)
+    write_atomic(folder / COMMAND_FILE, script, mode=0o755)
+
+
+def holds_checkpoints(run_dir: Path) -> bool:
+    """A `latest` pointer (even dangling or empty) or any checkpoint folder."""
+    from maml_ds.training import CHECKPOINTS, checkpoint
+
+    ckpt_dir = run_dir / CHECKPOINTS
+    return (ckpt_dir / checkpoint.LATEST).exists() or (
+        ckpt_dir.is_dir() and any(p.is_dir() for p in ckpt_dir.iterdir())
+    )
+
+
+def holds_run(run_dir: Path) -> bool:
+    """The folder is a run's record (its config.json or checkpoints): a dry run never writes it."""
+    return (run_dir / CONFIG_FILE).is_file() or holds_checkpoints(run_dir)
 
 
 def check_before_run(plan: LaunchPlan) -> None:
     """Problems a real launch would only meet in every rank: catch them once, here."""
-    from maml_ds.training import CHECKPOINTS, checkpoint
-
-    problems = []
-    if checkpoint.latest_tag(plan.run_dir / CHECKPOINTS) is not None and not plan.resume:
+    problems = device_problems(plan.preset, plan.gpus_per_node, plan.devices)
+    if holds_checkpoints(plan.run_dir) and not plan.resume:
         problems.append(
             f"{plan.run_dir} already holds checkpoints: add `-- --resume` to continue that run, "
             "or choose another --run-dir"
@@ -333,7 +451,8 @@ def memory_note(plan: LaunchPlan) -> str | None:
 def _summary(plan: LaunchPlan, console: Console) -> None:
     cfg, ds = plan.config, plan.config.deepspeed
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("preset", f"{plan.preset.name} (accelerator {plan.preset.accelerator})")
+    chosen = "" if plan.preset_reason == "--preset" else f"; chosen: {plan.preset_reason}"
+    table.add_row("preset", f"{plan.preset.name} (accelerator {plan.preset.accelerator}{chosen})")
     table.add_row("ranks", f"{plan.num_nodes} node(s) x {plan.gpus_per_node} = {plan.world_size}")
     table.add_row("method", cfg.method)
     table.add_row("zero / precision", f"ZeRO-{ds.zero_stage} / {ds.precision}")
@@ -359,8 +478,10 @@ def _summary(plan: LaunchPlan, console: Console) -> None:
 
 def launch(
     method: Annotated[str, typer.Option(help="metaicl | maml-2k-n | fomaml-2k-n")],
-    nodes: Annotated[int, typer.Option(help="number of nodes")] = 1,
-    gpus: Annotated[int, typer.Option(help="GPUs per node (CPU ranks with --preset cpu)")] = 1,
+    nodes: Annotated[int | None, typer.Option(help="number of nodes  [default: 1]")] = None,
+    gpus: Annotated[
+        int | None, typer.Option(help="GPUs per node (CPU ranks with --preset cpu)  [default: 1]")
+    ] = None,
     hostfile: Annotated[
         Path | None, typer.Option(help="DeepSpeed hostfile ('HOST slots=N' lines)")
     ] = None,
@@ -368,11 +489,19 @@ def launch(
         str | None, typer.Option(help="comma-separated node names (instead of --hostfile)")
     ] = None,
     preset: Annotated[
-        str, typer.Option(help="v100-32gb | v100-16gb | a100-80gb | cpu (ds_configs/)")
-    ] = "cpu",
+        str | None,
+        typer.Option(
+            help="v100-32gb | v100-16gb | a100-80gb | cpu (ds_configs/); default: the one "
+            "this machine's CUDA devices match, cpu without CUDA"
+        ),
+    ] = None,
     zero: Annotated[int | None, typer.Option(help="ZeRO stage 0-3 (default: the preset's)")] = None,
     precision: Annotated[
         str | None, typer.Option(help="fp32 | fp16 | bf16 (default: the preset's)")
+    ] = None,
+    deepspeed_config: Annotated[
+        Path | None,
+        typer.Option(help="a DeepSpeed JSON merged over the built one (docs/launch.md)"),
     ] = None,
     master_port: Annotated[int, typer.Option(help="rendezvous port")] = DEFAULT_MASTER_PORT,
     master_addr: Annotated[
@@ -385,8 +514,24 @@ def launch(
         bool, typer.Option("--no-ssh", help="start this node's ranks only (with --node-rank)")
     ] = False,
     node_rank: Annotated[int | None, typer.Option(help="this node's index for --no-ssh")] = None,
+    launcher: Annotated[
+        Launcher | None,
+        typer.Option(help="DeepSpeed's multi-node launcher (default: DeepSpeed's, pdsh)"),
+    ] = None,
+    include: Annotated[
+        str | None, typer.Option(help="DeepSpeed's --include, e.g. 'w0:0,1@w1' (with --hostfile)")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option(help="DeepSpeed's --exclude, e.g. 'w1:7' (with --hostfile)")
+    ] = None,
+    ssh_port: Annotated[int | None, typer.Option(help="ssh port of the nodes")] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="write the run folder and print the command only")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="print the command and write the run folder only (a temporary copy if the "
+            "folder already holds a run)",
+        ),
     ] = False,
     train_options: Annotated[
         list[str] | None, typer.Argument(help="`maml-ds train` options, after `--`")
@@ -408,37 +553,47 @@ def launch(
             preset=preset,
             zero=zero,
             precision=precision,
+            deepspeed_config=deepspeed_config,
             master_port=master_port,
             master_addr=master_addr,
             run_dir=run_dir,
             no_ssh=no_ssh,
             node_rank=node_rank,
+            launcher=launcher,
+            include=include,
+            exclude=exclude,
+            ssh_port=ssh_port,
             train_options=list(train_options or []),
         )
         if not dry_run:
             check_before_run(plan)
     except ConfigError as err:
         raise fail(str(err)) from None
-    if plan.preset.accelerator == "cpu" and _cuda_visible():
+    if dry_run:
+        plan.notes += [
+            f"a real launch would refuse this: {p}"
+            for p in device_problems(plan.preset, plan.gpus_per_node, plan.devices)
+        ]
+    if plan.preset.accelerator == "cpu" and plan.devices:
         plan.notes.append("CUDA devices are visible but --preset cpu starts CPU ranks")
+    if launcher is not None and plan.num_nodes == 1:
+        plan.notes.append(f"--launcher {launcher} has no effect on one node (started locally)")
     note = memory_note(plan)
     if note:
         plan.notes.append(note)
-    write_run_folder(plan)
+    folder = plan.run_dir
+    if dry_run and holds_run(plan.run_dir):
+        folder = Path(tempfile.mkdtemp(prefix="maml-ds-dry-run-"))
+        plan.notes.append(
+            f"{plan.run_dir} holds a run: nothing written there; the files a launch would "
+            f"write are in {folder}"
+        )
+    write_run_folder(plan, folder)
     _summary(plan, console)
     typer.echo(plan.command_line())
     if dry_run:
         return
-    completed = subprocess.run(plan.argv, env={**os.environ, **plan.env}, check=False)
-    if completed.returncode != 0:
-        console.print(f"[bold red]deepspeed exited with code {completed.returncode}[/]")
-    raise typer.Exit(completed.returncode)
-
-
-def _cuda_visible() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover - torch always imports in this environment
-        return False
+    code = run_forwarding_signals(plan.argv, {**os.environ, **plan.env}, console)
+    if code != 0:
+        console.print(f"[bold red]deepspeed exited with code {code}[/]")
+    raise typer.Exit(code)

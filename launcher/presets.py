@@ -10,6 +10,7 @@ gives back every key the file sets. See docs/launch.md ("Presets").
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,10 +34,17 @@ class Preset:
     def file(self) -> str:
         return f"{self.name}.json"
 
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment the launched ranks need."""
-        return {"DS_ACCELERATOR": "cpu"} if self.accelerator == "cpu" else {}
+    def env(
+        self, ranks_per_node: int, environ: Mapping[str, str], num_cores: int
+    ) -> dict[str, str]:
+        """Environment the launched ranks need on top of `environ`: on CPU, the accelerator and
+        an even share of this machine's `num_cores` per rank (OMP_NUM_THREADS, unless set)."""
+        if self.accelerator != "cpu":
+            return {}
+        out = {"DS_ACCELERATOR": "cpu"}
+        if "OMP_NUM_THREADS" not in environ:
+            out["OMP_NUM_THREADS"] = str(max(1, num_cores // max(1, ranks_per_node)))
+        return out
 
 
 PRESETS: dict[str, Preset] = {
@@ -66,6 +74,39 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Device:
+    """One CUDA device as the launch sees it."""
+
+    name: str
+    memory_gib: float
+
+
+def local_devices() -> list[Device]:
+    """This machine's CUDA devices (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    return [Device(p.name, p.total_memory / 2**30) for p in props]
+
+
+def preset_for_devices(devices: Sequence[Device]) -> tuple[Preset, str]:
+    """The preset that fits these devices, and why (printed by launch)."""
+    if not devices:
+        return PRESETS["cpu"], "no CUDA device on this machine: CPU ranks"
+    first = devices[0]
+    seen = f"{len(devices)} x {first.name} ({first.memory_gib:.0f} GiB)"
+    if "V100" in first.name.upper():
+        name = "v100-32gb" if first.memory_gib > 24 else "v100-16gb"
+        return PRESETS[name], f"{seen}: {name}"
+    if first.memory_gib >= 60:
+        return PRESETS["a100-80gb"], f"{seen}: a100-80gb (bf16)"
+    name = "v100-32gb" if first.memory_gib > 24 else "v100-16gb"
+    return PRESETS[name], f"{seen}: no preset of its own, {name} (fp16) fits its memory"
 
 
 def resolve_preset(name: str) -> Preset:
@@ -161,3 +202,21 @@ def check_precision(preset: Preset, precision: str) -> None:
                 f"choose one of {', '.join(preset.precisions)}"
             ]
         )
+
+
+def device_problems(preset: Preset, gpus_per_node: int, devices: Sequence[Device]) -> list[str]:
+    """What a real launch of `gpus_per_node` ranks per node on `preset` lacks on this machine
+    (a dry run prints them as warnings)."""
+    if preset.accelerator != "cuda":
+        return []
+    if not devices:
+        return [
+            f"preset {preset.name} needs CUDA, but this machine has no CUDA device "
+            "(torch.cuda.is_available() is False): use --preset cpu or launch on a GPU node"
+        ]
+    if gpus_per_node > len(devices):
+        return [
+            f"--gpus {gpus_per_node} but this machine has {len(devices)} CUDA device(s) "
+            f"({devices[0].name}): lower --gpus to {len(devices)}"
+        ]
+    return []

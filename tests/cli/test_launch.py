@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from launcher.cli import app
-from launcher.presets import PRESETS, check_preset_is_reproduced, load_preset_json, preset_dir
+from launcher.launch import plan_launch
+from launcher.presets import (
+    PRESETS,
+    Device,
+    apply_preset,
+    check_preset_is_reproduced,
+    load_preset_json,
+    preset_dir,
+)
 from maml_ds.config import RunConfig
 from tests.helpers import BIN, REPO, env, free_port, maml_ds
 
@@ -39,10 +51,10 @@ def deepspeed_args(argv: list[str]):
     return parse_args(argv[1:])
 
 
-def dry_run(tmp_path: Path, *args: str):
-    result = runner.invoke(app, ["launch", "--dry-run", "--run-dir", str(tmp_path / "run"), *args])
+def dry_run(tmp_path: Path, *args: str, name: str = "run"):
+    result = runner.invoke(app, ["launch", "--dry-run", "--run-dir", str(tmp_path / name), *args])
     assert result.exit_code == 0, result.output
-    return result, tmp_path / "run"
+    return result, tmp_path / name
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +171,7 @@ def test_overrides_and_presets(tmp_path):
     )
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["fp16"]["enabled"]
-    _, run = dry_run(tmp_path, "--method", "metaicl", "--preset", "a100-80gb")
+    _, run = dry_run(tmp_path, "--method", "metaicl", "--preset", "a100-80gb", name="run2")
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 1
 
@@ -372,13 +384,275 @@ def test_v100_presets_are_fp16_with_dynamic_loss_scaling():
     assert load_preset_json(PRESETS["a100-80gb"])["bf16"] == {"enabled": True}
     cpu = load_preset_json(PRESETS["cpu"])
     assert "fp16" not in cpu and "bf16" not in cpu
-    assert PRESETS["cpu"].env == {"DS_ACCELERATOR": "cpu"}
+    assert PRESETS["cpu"].env(2, {"OMP_NUM_THREADS": "1"}, 8) == {"DS_ACCELERATOR": "cpu"}
 
 
 def test_presets_are_kept_once():
     """launcher/ds_configs (package data) is the repository's ds_configs/, not a copy."""
     assert preset_dir().resolve() == (REPO / "ds_configs").resolve()
     assert {p.name for p in preset_dir().glob("*.json")} == {p.file for p in PRESETS.values()}
+
+
+# --------------------------------------------------------------------------------------------
+# The machine: preset from its devices (faked), device checks, CPU threads per rank
+# --------------------------------------------------------------------------------------------
+
+V100 = Device("Tesla V100-SXM2-32GB", 31.7)
+
+
+def fake_devices(monkeypatch, devices):
+    monkeypatch.setattr("launcher.launch.local_devices", lambda: list(devices))
+
+
+@pytest.mark.parametrize(
+    ("devices", "preset", "shown"),
+    [
+        ([V100] * 8, "v100-32gb", "chosen: 8 x Tesla V100-SXM2-32GB (32 GiB): v100-32gb"),
+        ([Device("NVIDIA A100-SXM4-80GB", 79.2)] * 8, "a100-80gb", "a100-80gb (bf16)"),
+        ([], "cpu", "cpu (accelerator cpu; chosen: no CUDA device on this machine: CPU ranks)"),
+    ],
+)
+def test_preset_follows_the_machine(tmp_path, monkeypatch, devices, preset, shown):
+    fake_devices(monkeypatch, devices)
+    result, run = dry_run(tmp_path, "--nodes", "1", "--gpus", "8", "--method", "maml-2-4")
+    assert shown in flat(result.output)
+    cfg = RunConfig.load(run / "config.json")
+    assert apply_preset(RunConfig(method="maml-2-4"), PRESETS[preset]).deepspeed.precision == (
+        cfg.deepspeed.precision
+    )
+    prefix, _ = command_argv(result.stdout)
+    assert ("DS_ACCELERATOR" in prefix) == (preset == "cpu")
+
+
+def test_cuda_preset_without_cuda(tmp_path, monkeypatch):
+    fake_devices(monkeypatch, [])
+    (tmp_path / "data").mkdir()
+    args = ["--method", "metaicl", "--preset", "v100-32gb", "--gpus", "8"]
+    result, _ = dry_run(tmp_path, *args)  # planned, with a warning
+    refusal = (
+        "preset v100-32gb needs CUDA, but this machine has no CUDA device "
+        "(torch.cuda.is_available() is False): use --preset cpu or launch on a GPU node"
+    )
+    assert f"a real launch would refuse this: {refusal}" in flat(result.output)
+    real = ["launch", *args, "--run-dir", str(tmp_path / "r"), "--", "--data", str(tmp_path)]
+    result = runner.invoke(app, real)
+    assert result.exit_code == 2 and refusal in flat(result.output)
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_gpus_than_devices(tmp_path, monkeypatch):
+    fake_devices(monkeypatch, [V100] * 2)
+    result = runner.invoke(
+        app,
+        ["launch", "--method", "metaicl", "--gpus", "8", "--run-dir", str(tmp_path / "r"),
+         "--", "--data", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--gpus 8 but this machine has 2 CUDA device(s) (Tesla V100-SXM2-32GB): lower " \
+        "--gpus to 2" in flat(result.output)  # fmt: skip
+
+
+def test_cpu_ranks_get_a_share_of_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    result, _ = dry_run(tmp_path, "--gpus", "2", "--method", "metaicl", "--preset", "cpu")
+    assert command_argv(result.stdout)[0] == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "4"}
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed launcher options, passed through (checked with DeepSpeed's own parser)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["pdsh", "openmpi", "slurm", "mpich"])
+def test_launcher_and_ssh_port_pass_through(tmp_path, name):
+    result, _ = dry_run(
+        tmp_path, "--nodes", "2", "--gpus", "8", "--hosts", "w0,w1", "--method", "metaicl",
+        "--preset", "v100-32gb", "--launcher", name, "--ssh-port", "2222",
+    )  # fmt: skip
+    args = deepspeed_args(command_argv(result.stdout)[1])
+    assert args.launcher == name and args.ssh_port == 2222
+    assert (args.num_nodes, args.num_gpus) == (2, 8)
+
+
+def test_include_and_exclude_choose_the_ranks(tmp_path):
+    hostfile = tmp_path / "hf"
+    hostfile.write_text("w0 slots=8\nw1 slots=8\n")
+    common = ["--hostfile", str(hostfile), "--method", "metaicl", "--preset", "v100-32gb"]
+    result, run = dry_run(tmp_path, *common, "--include", "w0:0,1@w1:2,3")
+    args = deepspeed_args(command_argv(result.stdout)[1])
+    assert args.include == "w0:0,1@w1:2,3" and args.exclude == ""
+    assert (args.num_nodes, args.num_gpus) == (-1, -1)  # DeepSpeed refuses them beside --include
+    assert json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 4
+    result, run = dry_run(tmp_path, *common, "--exclude", "w1", name="run2")
+    assert deepspeed_args(command_argv(result.stdout)[1]).exclude == "w1"
+    assert json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--include", "w0", "--exclude", "w1", "--hostfile", "hostfiles/v100-2x8"],
+         "give --include or --exclude, not both"),
+        (["--include", "w0", "--gpus", "2", "--hostfile", "hostfiles/v100-2x8"],
+         "--include/--exclude choose the nodes and slots: drop --nodes/--gpus"),
+        (["--include", "w0"], "--include/--exclude select slots of a --hostfile: give one"),
+        (["--include", "nowhere", "--hostfile", "hostfiles/v100-2x8"],
+         "--include 'nowhere': Hostname 'nowhere' not found in hostfile"),
+        (["--include", "worker-0:0,1@worker-1:0", "--hostfile", "hostfiles/v100-2x8"],
+         "leave different slot counts per host (worker-0: 2, worker-1: 1)"),
+        (["--launcher", "slurm", "--no-ssh", "--node-rank", "0", "--run-dir", "x"],
+         "--launcher slurm starts every node from node 0; --no-ssh starts this node's ranks"),
+        (["--ssh-port", "0"], "--ssh-port must be in 1..65535, got 0"),
+        (["--launcher", "ssh"], "'ssh' is not one of 'pdsh', 'openmpi', 'slurm', 'mpich'"),
+        (["--", "--deepspeed-config", "x.json"],
+         "`--deepspeed-config` after `--` is set by launch: use --deepspeed-config before `--`"),
+    ],
+)  # fmt: skip
+def test_launcher_option_errors(args, expected, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = runner.invoke(app, ["launch", "--method", "metaicl", "--dry-run", *args])
+    assert result.exit_code == 2, result.output
+    assert expected in flat(result.output.replace("│", " "))
+
+
+# --------------------------------------------------------------------------------------------
+# The run's DeepSpeed JSON is what the ranks use; dry runs never write into a run
+# --------------------------------------------------------------------------------------------
+
+
+def test_deepspeed_config_is_merged_and_the_ranks_read_the_written_file(tmp_path):
+    user = tmp_path / "user.json"
+    user.write_text(json.dumps({
+        "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "mon"), "job_name": "me"},
+        "zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+        "zero_force_ds_cpu_optimizer": False,
+    }))  # fmt: skip
+    _, run = dry_run(
+        tmp_path, "--method", "maml-2-2", "--gpus", "2", "--zero", "2", "--deepspeed-config", user
+    )
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["csv_monitor"]["output_path"] == str(tmp_path / "mon")
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 2
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.deepspeed.config_file == str(run.resolve() / "ds_config.json")
+    from maml_ds.config import build_deepspeed_config
+
+    assert build_deepspeed_config(cfg, 2) == ds  # the ranks merge the written file: the same
+    # ... and an edit of that file is what they build
+    ds["tensorboard"] = {"enabled": True, "output_path": "/tb"}
+    (run / "ds_config.json").write_text(json.dumps(ds))
+    assert build_deepspeed_config(cfg, 2)["tensorboard"] == {"enabled": True, "output_path": "/tb"}
+
+
+def test_deepspeed_config_contradiction_is_one_error(tmp_path):
+    user = tmp_path / "user.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}))
+    result = runner.invoke(
+        app, ["launch", "--method", "metaicl", "--zero", "1", "--dry-run", "--deepspeed-config",
+              str(user), "--run-dir", str(tmp_path / "r")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    text = flat(result.output)
+    assert "2 problem(s)" in text
+    assert f"{user} sets zero_optimization.stage = 3 but maml-ds runs --zero 1" in text
+    assert f"{user} sets `optimizer`, but maml-ds passes its own optimizer" in text
+    assert not (tmp_path / "r").exists()
+
+
+def test_relaunch_keeps_the_edits_and_follows_the_new_flags(tmp_path):
+    _, run = dry_run(tmp_path, "--method", "metaicl", "--gpus", "2", "--zero", "1")
+    ds = json.loads((run / "ds_config.json").read_text())
+    ds["csv_monitor"]["job_name"] = "edited"
+    (run / "ds_config.json").write_text(json.dumps(ds))
+    plan = plan_launch(method="metaicl", gpus=4, zero=2, run_dir=run, devices=[])
+    assert plan.ds_config["csv_monitor"]["job_name"] == "edited"  # the edit survives
+    assert plan.ds_config["zero_optimization"]["stage"] == 2  # the flags decide their keys
+    assert plan.ds_config["train_batch_size"] == 4
+    notes = " ".join(plan.notes)
+    assert "zero_optimization.stage follows this launch's flags now" in notes
+    assert "train_batch_size follows this launch's flags now" in notes
+
+
+OFFLOAD_CHECK = """
+import json, sys
+from maml_ds.config import RunConfig
+from maml_ds.training import fit, setup
+from maml_ds import distributed as D
+cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+ctx = setup(cfg)
+assert ctx.engine.zero_cpu_offload(), "offload_optimizer did not reach the engine"
+print(json.dumps([r["loss"] for r in fit(ctx)]))
+D.shutdown()
+"""
+
+
+def test_cpu_optimizer_offload_at_zero2_through_train(synth_dir, tmp_path):
+    """`train --deepspeed-config` with ZeRO-Offload at ZeRO-2 on CPU: DeepSpeed accepts the
+    client optimizer (with zero_force_ds_cpu_optimizer false) and MAML trains as without it."""
+    from tests.helpers import run as run_command
+
+    user = tmp_path / "offload.json"
+    user.write_text(json.dumps({
+        "zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+        "zero_force_ds_cpu_optimizer": False,
+    }))  # fmt: skip
+    common = [
+        "--method", "maml-2-2", "--data", str(synth_dir), "--zero", "2", "--max-steps", "2",
+        "--k", "4", "--max-examples-per-task", "40", "--lr", "1e-3", "--inner-lr", "1e-3",
+    ]  # fmt: skip
+    maml_ds("train", *common, "--out", tmp_path / "plain", timeout=300)
+    from launcher.config_flags import parse_options
+    from launcher.train_cmd import build_run_config, train_command
+
+    params = parse_options(
+        train_command, "train", [*common, "--out", str(tmp_path / "off"), "--deepspeed-config",
+                                 str(user)],
+    )  # fmt: skip
+    cfg = build_run_config(None, params)
+    assert cfg.deepspeed.config_file == str(user)
+    proc = run_command([sys.executable, "-c", OFFLOAD_CHECK, json.dumps(cfg.to_dict())])
+    offloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert offloaded == [s["loss"] for s in history(tmp_path / "plain")]
+
+
+@pytest.mark.parametrize("record", ["config", "dangling-latest"])
+def test_dry_run_never_writes_into_a_run(tmp_path, record):
+    run = tmp_path / "run"
+    if record == "config":
+        run.mkdir()
+        (run / "config.json").write_text('{"method": "metaicl"}\n')
+    else:
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "latest").write_text("step9")  # names no folder
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(
+        app, ["launch", "--method", "metaicl", "--dry-run", "--run-dir", str(run), "--gpus", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    text = flat(result.output)
+    assert (
+        f"{run} holds a run: nothing written there; the files a launch would write are in" in text
+    )
+    copy = Path(text.split("would write are in ")[1].split()[0])
+    assert RunConfig.load(copy / "config.json").out_dir == str(run)
+    assert (copy / "ds_config.json").is_file() and (copy / "launch.sh").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line conventions
+# --------------------------------------------------------------------------------------------
+
+
+def test_version_and_completion():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"maml-ds {version('maml-ds')}"
+    text = runner.invoke(app, ["--help"]).stdout
+    assert "--install-completion" in text and "--show-completion" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,3 +755,64 @@ def test_two_nodes_on_localhost_without_ssh(two_rank_run, synth_dir, tmp_path):
     single = history(two_rank_run[0])
     assert [s["loss"] for s in history(run)] == [s["loss"] for s in single]
     assert [s["num_batches"] for s in history(run)] == [2, 4, 6]
+
+
+def test_edited_ds_config_reaches_the_ranks(synth_dir, tmp_path):
+    """Edit RUN/ds_config.json (a CSV monitor where the user wants it), launch into RUN: the
+    rank writes there."""
+    _, run = dry_run(tmp_path, "--gpus", "1", "--method", "metaicl", "--preset", "cpu")
+    ds = json.loads((run / "ds_config.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "mine"), "job_name": "ed"}
+    (run / "ds_config.json").write_text(json.dumps(ds))
+    maml_ds(
+        "launch", "--gpus", "1", "--method", "metaicl", "--preset", "cpu", "--run-dir", run,
+        "--master-port", free_port(), "--", "--data", synth_dir, *TRAIN, timeout=300,
+    )  # fmt: skip
+    rows = (tmp_path / "mine" / "ed" / "Train_loss.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per update
+    losses = [float(row.split(",")[1]) for row in rows[1:]]
+    assert losses == [s["loss"] for s in history(run)]
+    assert not (run / "monitor").exists()  # the built-in path was replaced by the user's
+    assert json.loads((run / "ds_config.json").read_text())["csv_monitor"]["job_name"] == "ed"
+
+
+def _group_members(pgid: int) -> list[str]:
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["status", "cmdline"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(" ".join(proc.info["cmdline"] or []))
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("target", ["launch", "runner"])
+def test_sigterm_reaches_the_ranks(synth_dir, tmp_path, target):
+    """SIGTERM to `maml-ds launch` or to the DeepSpeed runner alone: no rank is left running."""
+    import psutil
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(BIN / "maml-ds"), "launch", "--gpus", "2", "--method", "metaicl", "--preset", "cpu",
+         "--run-dir", str(run), "--master-port", str(free_port()), "--", "--data",
+         str(synth_dir), "--max-steps", "100000", "--k", "4", "--log-every", "1"],
+        env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:  # until rank 0 has finished an update
+        lines.append(line)
+        if "metaicl update 1/100000" in line:
+            break
+    else:
+        raise AssertionError("".join(lines[-40:]))
+    (deepspeed_runner,) = psutil.Process(proc.pid).children()
+    assert len(_group_members(deepspeed_runner.pid)) >= 4  # runner, node launcher, 2 ranks
+    os.kill(proc.pid if target == "launch" else deepspeed_runner.pid, signal.SIGTERM)
+    started = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-3000:]
+    assert _group_members(deepspeed_runner.pid) == [], out[-3000:]
+    assert time.monotonic() - started < 60

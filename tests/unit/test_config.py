@@ -118,3 +118,96 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
         RunConfig.from_dict({"optim": {"learning_rate": 1.0}})
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.load(tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------------------------
+# --deepspeed-config: a user's DeepSpeed JSON merged over the built one
+# --------------------------------------------------------------------------------------------
+
+
+def user_json(tmp_path, data) -> str:
+    import json
+
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_user_deepspeed_json_is_merged_key_by_key(tmp_path):
+    cfg = RunConfig(method="maml-2-2")
+    cfg.deepspeed.zero_stage = 2
+    built = build_deepspeed_config(cfg, 2)
+    cfg.deepspeed.config_file = user_json(
+        tmp_path,
+        {
+            "tensorboard": {"enabled": True, "output_path": "/tb", "job_name": "mine"},
+            "csv_monitor": {"output_path": "/csv"},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+            "train_batch_size": built["train_batch_size"],  # repeating a maml-ds value is fine
+            "comms_logger": {"enabled": True},
+        },
+    )
+    ds = build_deepspeed_config(cfg, 2)
+    assert ds["tensorboard"] == {"enabled": True, "output_path": "/tb", "job_name": "mine"}
+    assert ds["csv_monitor"] == {**built["csv_monitor"], "output_path": "/csv"}  # user wins
+    zero = ds["zero_optimization"]
+    assert zero == {**built["zero_optimization"], "offload_optimizer": {"device": "cpu"}}
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["comms_logger"] == {"enabled": True}
+    for key in ("train_batch_size", "gradient_clipping", "gradient_accumulation_steps"):
+        assert ds[key] == built[key]
+
+
+def test_user_deepspeed_json_contradictions_are_one_error_naming_both(tmp_path):
+    cfg = RunConfig(method="metaicl")
+    cfg.deepspeed.config_file = user_json(
+        tmp_path,
+        {
+            "train_batch_size": 64,
+            "train_micro_batch_size_per_gpu": 8,
+            "gradient_clipping": 0.3,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-4}},
+            "scheduler": {"type": "WarmupLR"},
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": True},
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        build_deepspeed_config(cfg, 2)
+    text = " ".join(str(err.value).split())
+    assert "7 problem(s)" in text
+    for fragment in (
+        "sets train_batch_size = 64 but maml-ds's config has 2",
+        "sets train_micro_batch_size_per_gpu = 8 but maml-ds's config has 1 (--micro-batch-size)",
+        "sets gradient_clipping = 0.3 but maml-ds's config has 1.0 (--gradient-clipping)",
+        "sets `optimizer`, but maml-ds passes its own optimizer (SharedMomentAdamW",
+        "sets `scheduler`, but maml-ds passes its own LR schedule (--schedule, --warmup-steps)",
+        "sets zero_optimization.stage = 3 but maml-ds runs --zero 0",
+        "sets bf16.enabled = true but maml-ds runs --precision fp32",
+        "or pass --precision bf16",
+    ):
+        assert fragment in text
+    cfg.deepspeed.precision = "fp16"
+    cfg.deepspeed.config_file = user_json(tmp_path, {"fp16": {"enabled": False}})
+    with pytest.raises(ConfigError, match="fp16.enabled = false but maml-ds runs --precision fp16"):
+        build_deepspeed_config(cfg, 1)
+    cfg.deepspeed.config_file = user_json(tmp_path, {"fp16": {"loss_scale": 128}})
+    assert build_deepspeed_config(cfg, 1)["fp16"]["loss_scale"] == 128  # a tunable: user wins
+
+
+def test_user_deepspeed_json_must_exist_and_be_an_object(tmp_path):
+    cfg = RunConfig()
+    cfg.deepspeed.config_file = str(tmp_path / "missing.json")
+    assert f"--deepspeed-config {tmp_path / 'missing.json'} does not exist" in cfg.problems()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cfg.deepspeed.config_file = str(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        build_deepspeed_config(cfg, 1)
+    (tmp_path / "bad.json").write_text("{nope")
+    cfg.deepspeed.config_file = str(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        build_deepspeed_config(cfg, 1)
+
+
+def test_log_every_is_checked():
+    assert "--log-every must be >= 1, got 0" in RunConfig(log_every=0).problems()
