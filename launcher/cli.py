@@ -35,8 +35,17 @@ def _root(
             "--version", callback=_print_version, is_eager=True, help="print the version, exit"
         ),
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help="print the traceback behind a user error (also MAML_DS_DEBUG=1)"
+        ),
+    ] = False,
 ) -> None:
     """MAML-en-LLM and MetaICL meta-training of causal LMs on DeepSpeed."""
+    from launcher.errors import set_debug
+
+    set_debug(debug)
 
 
 # --------------------------------------------------------------------------------------------

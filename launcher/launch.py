@@ -36,6 +36,7 @@ from launcher.hostfile import (
     read_hostfile,
     select_slots,
 )
+from launcher.launch_checks import check_before_run, holds_run, memory_note
 from launcher.presets import (
     Device,
     Preset,
@@ -60,6 +61,9 @@ from maml_ds.config import (
 from maml_ds.files import write_atomic
 
 CONFIG_FILE = "config.json"
+RESUME_CONFIG_FILE = "config.resume.json"
+"""With `-- --resume` the ranks read this copy: config.json, the run's record, is rewritten by
+training only once the checkpoint has loaded and the changes were judged (docs/launch.md)."""
 DS_CONFIG_FILE = "ds_config.json"
 HOSTFILE = "hostfile"
 COMMAND_FILE = "launch.sh"
@@ -110,6 +114,11 @@ class LaunchPlan:
 # --------------------------------------------------------------------------------------------
 # Planning (pure: reads the hostfile, writes nothing)
 # --------------------------------------------------------------------------------------------
+
+
+def config_file_for(resume: bool) -> str:
+    """The config file the ranks read: config.json, or its launch copy for a resume."""
+    return RESUME_CONFIG_FILE if resume else CONFIG_FILE
 
 
 def _executable(name: str) -> str:
@@ -320,7 +329,7 @@ def plan_launch(
         argv += ["--num_nodes", str(nodes), "--num_gpus", str(gpus)]
     argv += [
         "--master_port", str(master_port),
-        _executable("maml-ds"), "train", "--config", str(run_dir / CONFIG_FILE),
+        _executable("maml-ds"), "train", "--config", str(run_dir / config_file_for(resume)),
     ]  # fmt: skip
     # Not settings, so not in config.json: what this start of the ranks does.
     if resume:
@@ -371,81 +380,11 @@ def write_run_folder(plan: LaunchPlan, folder: Path | None = None) -> None:
     # Atomic writes: every node of a --no-ssh launch writes the same files into the shared folder.
     folder = plan.run_dir if folder is None else folder
     folder.mkdir(parents=True, exist_ok=True)
-    plan.config.save(folder / CONFIG_FILE)
+    plan.config.save(folder / config_file_for(plan.resume))
     write_atomic(folder / DS_CONFIG_FILE, json.dumps(plan.ds_config, indent=2) + "\n")
     write_atomic(folder / HOSTFILE, format_hostfile(plan.hosts))
     script = f"#!/usr/bin/env bash\n# written by maml-ds launch\n{plan.command_line()}\n"
     write_atomic(folder / COMMAND_FILE, script, mode=0o755)
-
-
-def holds_checkpoints(run_dir: Path) -> bool:
-    """A `latest` pointer (even dangling or empty) or any checkpoint folder."""
-    from maml_ds.training import CHECKPOINTS, checkpoint
-
-    ckpt_dir = run_dir / CHECKPOINTS
-    return (ckpt_dir / checkpoint.LATEST).exists() or (
-        ckpt_dir.is_dir() and any(p.is_dir() for p in ckpt_dir.iterdir())
-    )
-
-
-def holds_run(run_dir: Path) -> bool:
-    """The folder is a run's record (its config.json or checkpoints): a dry run never writes it."""
-    return (run_dir / CONFIG_FILE).is_file() or holds_checkpoints(run_dir)
-
-
-def check_before_run(plan: LaunchPlan) -> None:
-    """Problems a real launch would only meet in every rank: catch them once, here."""
-    problems = device_problems(plan.preset, plan.gpus_per_node, plan.devices)
-    if holds_checkpoints(plan.run_dir) and not plan.resume:
-        problems.append(
-            f"{plan.run_dir} already holds checkpoints: add `-- --resume` to continue that run, "
-            "or choose another --run-dir"
-        )
-    data_dir = Path(plan.config.data.data_dir)
-    if not data_dir.is_dir():
-        problems.append(
-            f"data folder {data_dir} does not exist: create it with `maml-ds data synth --out "
-            f"{data_dir}` or pass `-- --data DIR`"
-        )
-    if problems:
-        raise ConfigError(problems)
-
-
-def memory_note(plan: LaunchPlan) -> str | None:
-    """One line: the memory model's per-GPU peak for this run, and a warning if it does not fit.
-
-    None where the memory model does not cover the run (its ConfigError says why).
-    """
-    from maml_ds.memory import GB, MemorySetup, memory_report
-
-    cfg = plan.config
-    try:
-        report = memory_report(
-            cfg.model.name,
-            MemorySetup(
-                method=cfg.method,
-                zero_stage=cfg.deepspeed.zero_stage,
-                precision=cfg.deepspeed.precision,
-                num_nodes=plan.num_nodes,
-                gpus_per_node=plan.gpus_per_node,
-                seq_len=cfg.data.max_length,
-                micro_batch_size=cfg.deepspeed.micro_batch_size,
-                second_order=cfg.meta.second_order,
-                attn_implementation=cfg.model.attn_implementation,
-                reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
-            ),
-        )
-    except (ConfigError, OSError, ValueError):
-        return None  # a setup the memory model does not cover, or cannot size from a config
-    peak = report.predicted_peak_bytes / GB
-    line = f"memory model: {peak:.2f} GB per rank predicted peak (`maml-ds memory` for details)"
-    limit = plan.preset.device_memory_gb
-    if limit is not None and peak > limit:
-        line += (
-            f"; MORE than the {limit:g} GB of a {plan.preset.name} device: raise --zero, lower "
-            "`-- --max-length` or use more GPUs"
-        )
-    return line
 
 
 def _summary(plan: LaunchPlan, console: Console) -> None:
@@ -566,7 +505,7 @@ def launch(
             train_options=list(train_options or []),
         )
         if not dry_run:
-            check_before_run(plan)
+            plan.notes += check_before_run(plan)
     except ConfigError as err:
         raise fail(str(err)) from None
     if dry_run:

@@ -151,8 +151,26 @@ def test_resume_and_stop_after_reach_the_ranks(tmp_path):
     """Not settings (not in config.json): what this start of the ranks does."""
     result, run = dry_run(tmp_path, "--method", "metaicl", "--", "--resume", "--stop-after", "5")
     args = deepspeed_args(command_argv(result.stdout)[1])
-    config = str(run.resolve() / "config.json")
+    # a resume reads the launch's copy: training rewrites config.json once the checkpoint loaded
+    config = str(run.resolve() / "config.resume.json")
     assert args.user_args == ["train", "--config", config, "--resume", "--stop-after", "5"]
+    assert (run / "config.resume.json").is_file() and not (run / "config.json").exists()
+
+
+def test_a_resume_launch_leaves_the_record_alone(tmp_path):
+    from launcher.launch import write_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record = '{"the": "run record"}\n'
+    (run / "config.json").write_text(record)
+    plan = plan_launch(
+        method="metaicl", nodes=1, gpus=2, preset="cpu", run_dir=run,
+        train_options=["--resume", "--lr", "0.5"],
+    )  # fmt: skip
+    write_run_folder(plan)
+    assert (run / "config.json").read_text() == record
+    assert RunConfig.load(run / "config.resume.json").optim.lr == 0.5
 
 
 def test_overrides_and_presets(tmp_path):
@@ -365,6 +383,28 @@ def test_missing_data_folder(tmp_path):
     )
     assert result.exit_code == 2
     assert "does not exist: create it with `maml-ds data synth" in flat(result.output)
+
+
+def test_broken_data_stops_the_launch_before_any_rank(tmp_path, synth_dir):
+    """The data checker runs before the ranks: a missing task file and a malformed line are
+    listed (file named), nothing is started and the run folder is not written."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    train_files = sorted(data.glob("*/*_16384_100_train.jsonl"))
+    train_files[0].unlink()
+    with train_files[1].open("a") as fh:
+        fh.write("{not json\n")
+    run = tmp_path / "r"
+    result = runner.invoke(
+        app, ["launch", "--method", "metaicl", "--run-dir", str(run), "--", "--data", str(data)]
+    )
+    out = flat(result.output)
+    assert result.exit_code == 2, out
+    assert "data check:" in out and train_files[1].name in out
+    assert train_files[0].parent.name in out
+    assert not run.exists()
 
 
 # --------------------------------------------------------------------------------------------
