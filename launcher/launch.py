@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,7 +34,7 @@ from launcher.hostfile import (
     read_hostfile,
     select_slots,
 )
-from launcher.launch_checks import check_before_run, holds_run, memory_note
+from launcher.launch_checks import LaunchPlan, check_before_run, holds_run, memory_note
 from launcher.presets import (
     Device,
     Preset,
@@ -49,9 +47,8 @@ from launcher.presets import (
 )
 from launcher.process_group import run_forwarding_signals
 from launcher.train_cmd import train_command
-from maml_ds.config import (
-    ConfigError,
-    RunConfig,
+from maml_ds.config import ConfigError, RunConfig
+from maml_ds.deepspeed_json import (
     build_deepspeed_config,
     deepspeed_contradictions,
     merge_deepspeed_config,
@@ -78,37 +75,6 @@ OWNED_TRAIN_FLAGS = {
 }
 """train options that launch sets itself, so they cannot come after `--`."""
 Launcher = Literal["pdsh", "openmpi", "slurm", "mpich"]
-
-
-@dataclass
-class LaunchPlan:
-    """Everything `launch` writes and runs (built without side effects by `plan_launch`)."""
-
-    run_dir: Path
-    config: RunConfig
-    ds_config: dict[str, Any]
-    hosts: list[HostEntry]
-    preset: Preset
-    num_nodes: int
-    gpus_per_node: int
-    argv: list[str]
-    resume: bool = False
-    """`-- --resume`: the ranks continue from the run's latest checkpoint."""
-    preset_reason: str = "--preset"
-    """Why this preset: given, or what the machine's devices chose."""
-    devices: list[Device] = field(default_factory=list)
-    """This machine's CUDA devices (for the real-launch checks)."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Variables the ranks need on top of the current environment."""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def world_size(self) -> int:
-        return self.num_nodes * self.gpus_per_node
-
-    def command_line(self) -> str:
-        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(self.env.items()))
-        return prefix + shlex.join(self.argv)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,18 +1,49 @@
-"""What `maml-ds launch` checks before any rank starts: a problem found here is one message,
-not the same traceback in every rank of a cluster job (docs/launch.md)."""
+"""A launch plan and what `maml-ds launch` checks before any rank starts: a problem found here
+is one message, not the same traceback in every rank of a cluster job (docs/launch.md)."""
 
 from __future__ import annotations
 
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from launcher.presets import device_problems
-from maml_ds.config import ConfigError
+from launcher.hostfile import HostEntry
+from launcher.presets import Device, Preset, device_problems
+from maml_ds.config import ConfigError, RunConfig
 
-if TYPE_CHECKING:
-    from launcher.launch import LaunchPlan
+CONFIG_FILE = "config.json"  # the run's record (training/loop.py writes it)
 
-CONFIG_FILE = "config.json"
+
+@dataclass
+class LaunchPlan:
+    """Everything `launch` writes and runs (built without side effects by `plan_launch`)."""
+
+    run_dir: Path
+    config: RunConfig
+    ds_config: dict[str, Any]
+    hosts: list[HostEntry]
+    preset: Preset
+    num_nodes: int
+    gpus_per_node: int
+    argv: list[str]
+    resume: bool = False
+    """`-- --resume`: the ranks continue from the run's latest checkpoint."""
+    preset_reason: str = "--preset"
+    """Why this preset: given, or what the machine's devices chose."""
+    devices: list[Device] = field(default_factory=list)
+    """This machine's CUDA devices (for the real-launch checks)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables the ranks need on top of the current environment."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    def command_line(self) -> str:
+        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(self.env.items()))
+        return prefix + shlex.join(self.argv)
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -2,9 +2,9 @@
 
 The JSONs live once, in the repository's ``ds_configs/``; ``launcher/ds_configs`` is a relative
 symlink to it, so they are package data (a wheel holds the files). A preset JSON is a fragment
-of what `maml_ds.config.build_deepspeed_config` produces, never a second builder: `apply_preset`
-reads it into `RunConfig.deepspeed`, and `check_preset_is_reproduced` verifies that the builder
-gives back every key the file sets. See docs/launch.md ("Presets").
+of what `maml_ds.deepspeed_json.build_deepspeed_config` produces, never a second builder:
+`apply_preset` reads it into `RunConfig.deepspeed`, and `check_preset_is_reproduced` verifies
+that the builder gives back every key the file sets. See docs/launch.md ("Presets").
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args
 
-from maml_ds.config import ConfigError, Precision, RunConfig, build_deepspeed_config
+from maml_ds.config import ConfigError, Precision, RunConfig
+from maml_ds.deepspeed_json import build_deepspeed_config
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def check_preset_is_reproduced(preset: Preset, world_size: int = 1) -> None:
     built = build_deepspeed_config(cfg, world_size)
     problems = [
         f"preset {preset.file} sets {key} = {want!r} but maml-ds's DeepSpeed config has "
-        f"{got!r}; only keys that maml_ds.config.build_deepspeed_config produces can be preset"
+        f"{got!r}; only keys that maml_ds.deepspeed_json.build_deepspeed_config produces "
+        "can be preset"
         for key, want, got in _diff(load_preset_json(preset), built)
     ]
     if problems:

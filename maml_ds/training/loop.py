@@ -20,11 +20,12 @@ import torch
 from rich.console import Console
 
 from maml_ds import distributed as D
-from maml_ds.config import RunConfig, build_deepspeed_config
+from maml_ds.config import RunConfig
 from maml_ds.data.prompts import PromptFormat
 from maml_ds.data.reader import Example, load_meta_train_examples
 from maml_ds.data.sampler import subsample_stratified
 from maml_ds.data.tasks import load_setting, load_task_config
+from maml_ds.deepspeed_json import build_deepspeed_config
 from maml_ds.files import write_atomic
 from maml_ds.meta import SharedMomentAdamW
 from maml_ds.models import build_model, resolve_tokenizer

@@ -89,7 +89,7 @@ def test_dry_run_v100_maml(tmp_path):
     cfg = RunConfig.load(run / "config.json")
     assert cfg.method == "maml-2-4" and cfg.deepspeed.precision == "fp16"
     assert cfg.out_dir == str(run.resolve())
-    from maml_ds.config import build_deepspeed_config
+    from maml_ds.deepspeed_json import build_deepspeed_config
 
     assert build_deepspeed_config(cfg, 8) == ds  # the ranks build exactly this JSON
 
@@ -577,7 +577,7 @@ def test_deepspeed_config_is_merged_and_the_ranks_read_the_written_file(tmp_path
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 2
     cfg = RunConfig.load(run / "config.json")
     assert cfg.deepspeed.config_file == str(run.resolve() / "ds_config.json")
-    from maml_ds.config import build_deepspeed_config
+    from maml_ds.deepspeed_json import build_deepspeed_config
 
     assert build_deepspeed_config(cfg, 2) == ds  # the ranks merge the written file: the same
     # ... and an edit of that file is what they build

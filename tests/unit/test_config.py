@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maml_ds.config import (
-    ConfigError,
-    RunConfig,
-    build_deepspeed_config,
-    check_batch_arithmetic,
-    parse_method,
-)
+from maml_ds.config import ConfigError, RunConfig, parse_method
+from maml_ds.deepspeed_json import build_deepspeed_config, check_batch_arithmetic
 
 
 @pytest.mark.parametrize(
