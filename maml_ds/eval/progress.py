@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from maml_ds.progress import format_duration, rich_bar
+
 __all__ = ["EvalProgress", "ProgressOptions", "format_duration"]
 
 
@@ -24,12 +26,6 @@ class ProgressOptions:
     """A log line after every N (task, seed) pairs (when the output is not a terminal)."""
     every_seconds: float = 60.0
     """... and at least every T seconds while a pair is being scored."""
-
-
-def format_duration(seconds: float) -> str:
-    """3725.2 -> "1:02:05"."""
-    whole = int(round(seconds))
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 class EvalProgress:
@@ -68,7 +64,7 @@ class EvalProgress:
         self._bar: Any = None
         self._bar_task: Any = None
         if enabled and self.is_terminal:
-            self._bar = _rich_bar(console)
+            self._bar = rich_bar(console, "sequences")
 
     def __enter__(self) -> EvalProgress:
         self._started = self._last_line = self.clock()
@@ -134,24 +130,3 @@ class EvalProgress:
         stamp = time.strftime("%H:%M:%S")
         print(f"[{stamp}] {self.line(final)}", file=self.stream, flush=True)
         self._last_line = self.clock()
-
-
-def _rich_bar(console: Any) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("sequences"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )

@@ -12,13 +12,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
+from maml_ds.progress import format_duration, rich_bar
+
 __all__ = ["TrainProgress", "format_duration"]
-
-
-def format_duration(seconds: float) -> str:
-    """3725.2 -> "1:02:05"."""
-    whole = int(round(seconds))
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 class TrainProgress:
@@ -49,7 +45,9 @@ class TrainProgress:
         self.is_terminal = console.is_terminal if is_terminal is None else is_terminal
         self.clock = clock
         self._started = clock()
-        self._bar: Any = _rich_bar(console) if enabled and self.is_terminal else None
+        self._bar: Any = (
+            rich_bar(console, "{task.fields[info]}") if enabled and self.is_terminal else None
+        )
         self._bar_task: Any = None
 
     def __enter__(self) -> TrainProgress:
@@ -91,24 +89,3 @@ class TrainProgress:
             f"{self.description} update {step}/{self.total}  {info}  "
             f"elapsed {format_duration(elapsed)}  ETA {eta}"
         )
-
-
-def _rich_bar(console: Any) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
