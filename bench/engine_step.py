@@ -81,6 +81,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops per method")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gather", action="store_true",
+        help="ZeRO-3 MAML through the gather path (the reference) instead of the sharded one",
+    )  # fmt: skip
     return p.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
 
 
@@ -227,8 +231,17 @@ def timed_update(step, ctx) -> tuple[float, float]:
     return seconds, batches_of(stats, ctx)
 
 
+def make_step(ctx, gather: bool):
+    """The run's step function; with `gather`, a MAML step on the gather path."""
+    if gather and ctx.cfg.method_spec.kind == "maml":
+        from maml_ds.training.maml import MamlStep
+
+        return MamlStep(ctx, sharded=False)
+    return step_function(ctx)
+
+
 def speed(methods, contexts, args) -> dict[str, Any]:
-    steps = {m: step_function(contexts[m]) for m in methods}
+    steps = {m: make_step(contexts[m], args.gather) for m in methods}
     for _ in range(args.warmup):
         for m in methods:
             steps[m](contexts[m])
@@ -251,11 +264,11 @@ def speed(methods, contexts, args) -> dict[str, Any]:
     return out
 
 
-def split_times(methods, contexts, split: Split) -> dict[str, dict[str, float]]:
+def split_times(methods, contexts, split: Split, gather: bool) -> dict[str, dict[str, float]]:
     out = {}
     for m in methods:
         ctx = contexts[m]
-        step = step_function(ctx)
+        step = make_step(ctx, gather)
         split.totals.clear()
         split.active = True
         D.barrier()
@@ -430,6 +443,7 @@ def main() -> None:
             "seq_len": args.seq_len,
             "micro_batch_size": args.micro_batch_size,
             "repeats": args.repeats,
+            "maml_path": "gather" if args.gather else "default (sharded at ZeRO-3)",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "argv": sys.argv,
@@ -440,7 +454,7 @@ def main() -> None:
     install_split(split)
     for ctx in contexts.values():
         wrap_engine(ctx, split)
-    result["split"] = split_times(methods, contexts, split)
+    result["split"] = split_times(methods, contexts, split, args.gather)
     if args.profile:
         result["profile"] = profile_ops(methods, contexts)
     contexts.clear()

@@ -23,7 +23,71 @@ def _gb(value: float | int | None) -> str:
     return "-" if value is None else f"{value / GB:.3f}"
 
 
-def print_report(report, console: Console) -> None:
+GPU_CARDS: dict[str, float] = {"v100-16gb": 16.0, "v100-32gb": 32.0, "a100-80gb": 80.0}
+"""The presets' cards (launcher/presets.py) and their memory, GB."""
+
+# Which flag shrinks a row when it is the largest (partitioned rows: ZeRO-3, then more GPUs).
+_PARTITIONED = {
+    "parameters", "gradients", "fp32_master", "moments", "moment_snapshot",
+    "meta_gradient_accumulator", "inner_state", "adapted_copy", "hvp_vectors", "fp32_gradients",
+    "optimizer_scratch", "task_result", "meta_gradient_mean", "pass_gradient",
+    "inner_step_scratch",
+}  # fmt: skip
+
+
+def _shrink(report) -> tuple[str, dict[str, object]] | None:
+    """The flag that shrinks the largest row, and the setup change it makes."""
+    s = report.setup
+    largest = max(report.rows, key=lambda r: r.bytes)
+    if largest.key == "activations":
+        if not s.activation_checkpointing and (not s.is_maml or s.zero_stage == 3):
+            return "--activation-checkpointing", {"activation_checkpointing": True}
+        if s.attn_implementation == "eager":
+            return "--attn sdpa", {"attn_implementation": "sdpa"}
+        if s.micro_batch_size > 1:
+            return "--micro-batch-size 1", {"micro_batch_size": 1}
+        return None
+    if largest.key == "reduce_bucket":
+        return "--reduce-bucket-size", {"reduce_bucket_size": s.reduce_bucket_size // 10}
+    if s.zero_stage < 3 and (largest.key in _PARTITIONED or largest.key.startswith("gather")):
+        return "--zero 3", {"zero_stage": 3}
+    return f"--gpus {2 * s.gpus_per_node}", {"gpus_per_node": 2 * s.gpus_per_node}
+
+
+def print_summary(report, console: Console, preset: str | None = None) -> None:
+    """The answer first: peak per GPU, which cards it fits, the largest term and its flag."""
+    from dataclasses import replace
+
+    from maml_ds.memory import GB, build_report
+
+    s = report.setup
+    peak = report.predicted_peak_bytes
+    console.print(
+        f"[bold]predicted peak per GPU: {peak / GB:.2f} GB[/] (phase: {report.peak_phase}; "
+        f"the paper's {report.paper_formula}: {report.paper_bytes / GB:.2f} GB)",
+        highlight=False,
+    )
+    cards = {preset: GPU_CARDS[preset]} if preset else GPU_CARDS
+    fits = [
+        f"{name} {'yes' if peak <= size * GB else 'NO'} ({100 * peak / (size * GB):.0f}%)"
+        for name, size in cards.items()
+    ]
+    console.print("fits: " + ", ".join(fits), highlight=False)
+    largest = max(report.rows, key=lambda r: r.bytes)
+    line = f"largest term: {largest.label} {largest.bytes / GB:.2f} GB"
+    shrink = _shrink(report)
+    if shrink is not None:
+        flag, change = shrink
+        smaller = build_report(report.model, replace(s, **change)).predicted_peak_bytes
+        line += f"; {flag} gives {smaller / GB:.2f} GB per GPU"
+    console.print(line, highlight=False)
+
+
+def print_report(
+    report, console: Console, *, breakdown: bool = True, preset: str | None = None
+) -> None:
+    """The header, the answer (`print_summary`), the full breakdown if asked, the measured
+    rows and the notes."""
     from maml_ds.memory import PHASES
 
     s, m = report.setup, report.model
@@ -32,9 +96,14 @@ def print_report(report, console: Console) -> None:
         f"{_gb(report.s_theta_bytes)} GB in {s.precision} ({_gb(m.s_theta('fp32'))} GB fp32)  |  "
         f"{s.method}, ZeRO-{s.zero_stage}, {s.num_nodes} node(s) x {s.gpus_per_node} GPU(s), "
         f"seq {s.seq_len} x micro-batch {s.micro_batch_size}, attention {s.attn_implementation}"
+        + (", activation checkpointing" if s.activation_checkpointing else "")
         + (f", second order {s.effective_second_order}" if s.is_maml else ""),
         highlight=False,
     )
+    print_summary(report, console, preset)
+    if not breakdown:
+        _print_measured(report, console)
+        return
     table = Table(title="maml-ds memory per GPU (GB = 1e9 bytes)", title_justify="left")
     table.add_column("component")
     table.add_column("phase")
@@ -85,6 +154,11 @@ def print_report(report, console: Console) -> None:
                 str(point["num_tasks"]), _gb(point["paper_bytes"]), _gb(point["maml_ds_bytes"])
             )
         console.print(vs)
+    _print_measured(report, console)
+
+
+def _print_measured(report, console: Console) -> None:
+    s = report.setup
     if report.measured:
         meas = Table(
             title="measured vs predicted per rank (the model actually run)", title_justify="left"
@@ -196,6 +270,15 @@ def memory(
     micro_batch_size: Annotated[int, typer.Option(help="prompts per rank per pass")] = 1,
     second_order: Annotated[str, typer.Option(help="hvp-fd | first-order (MAML)")] = "hvp-fd",
     attn: Annotated[str, typer.Option(help="eager | sdpa")] = "eager",
+    activation_checkpointing: Annotated[
+        bool, typer.Option(help="recompute each layer's activations in the backward")
+    ] = False,
+    breakdown: Annotated[
+        bool, typer.Option(help="print every component, phase and the curve over n")
+    ] = False,
+    preset: Annotated[
+        str | None, typer.Option(help="the card to check: v100-16gb | v100-32gb | a100-80gb")
+    ] = None,
     reduce_bucket_size: Annotated[int, typer.Option(help="DeepSpeed reduce bucket (elements)")] = (
         50_000_000
     ),
@@ -231,9 +314,12 @@ def memory(
             seq_len=seq_len,
             micro_batch_size=micro_batch_size,
             second_order=second_order,
-            attn_implementation=attn,
-            reduce_bucket_size=reduce_bucket_size,  # type: ignore[arg-type]
+            attn_implementation=attn,  # type: ignore[arg-type]
+            activation_checkpointing=activation_checkpointing,
+            reduce_bucket_size=reduce_bucket_size,
         ).validate()
+        if preset is not None and preset not in GPU_CARDS:
+            raise ConfigError([f"--preset must be one of {', '.join(GPU_CARDS)}, got {preset!r}"])
         report = memory_report(model, setup, vocab_size=vocab_size)
         num_tasks = _parse_tasks(measure_tasks)
         if do_measure:
@@ -249,7 +335,7 @@ def memory(
             write_plot(report, plot)
     except ConfigError as err:
         raise fail(str(err)) from None
-    print_report(report, console)
+    print_report(report, console, breakdown=breakdown, preset=preset)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

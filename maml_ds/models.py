@@ -1,8 +1,10 @@
 """Models, their configs and tokenizers, without downloads: the one model factory.
 
-``--model`` accepts, in this order: a local folder (``save_pretrained`` output, or a maml-ds
-run/export folder); a built-in random-init config (``BUILTINS``: ``tiny``, ``tiny-128``, the
-GPT-2 family as ``random:gpt2``.. ``random:gpt2-xl``, and ``measure-4x256``, the model that
+``--model`` accepts, in this order: a local ``config.json`` of any Hugging Face causal LM
+(Llama, Qwen2, Mistral, GPT-2 ...), or a folder holding one and no weights: random init; a
+local folder (``save_pretrained`` output, or a maml-ds run/export folder); a built-in
+random-init config (``BUILTINS``: ``tiny``, ``tiny-128``, ``tiny-llama``, the GPT-2 family as
+``random:gpt2``.. ``random:gpt2-xl``, ``random:llama-1b``, and ``measure-4x256``, the model that
 ``maml-ds memory --measure`` runs); anything else is a Hugging Face id, downloaded by
 transformers only because the user named it. ``model_config`` + ``model_from_config`` build any
 of them on a real or the meta device (the memory model sizes models this way, docs/memory.md).

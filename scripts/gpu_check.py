@@ -7,9 +7,12 @@ few updates each on ONE GPU, through the training code itself (`maml_ds.training
 step function, `maml_ds.memory.measure_updates`) on a synthetic suite whose prompts fill
 --seq-len. Records per-update wall time and torch.cuda.max_memory_allocated beside the memory
 model's predicted per-GPU peak and the paper's formula; a refused or failing method is recorded
-in its row and the others still run. Writes JSON, one row per method. docs/memory.md.
+in its row and the others still run. Writes JSON, one row per method. docs/memory.md. `--llama`:
+a ~1.1B random-init Llama-style model (`random:llama-1b`) at ZeRO-3 through the sharded path
+(MetaICL, MAML-2-4, FOMAML-2-4; activation checkpointing, SDPA).
 
     python scripts/gpu_check.py --out gpu_check.json            # on a GPU machine
+    python scripts/gpu_check.py --llama --out llama_check.json  # the sharded path, ~1B Llama
     python scripts/gpu_check.py --model tiny --seq-len 64 --steps 2 --out /tmp/c.json  # CPU
 """
 
@@ -54,8 +57,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="default: bf16 if supported, else fp16")
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     p.add_argument("--second-order", default="hvp-fd")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--llama", action="store_true",
+        help="random:llama-1b, ZeRO-3 (the sharded path), metaicl,maml-2-4,fomaml-2-4, "
+        "activation checkpointing, sdpa",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    args = p.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    if args.llama:
+        args.model, args.zero, args.attn = "random:llama-1b", 3, "sdpa"
+        args.methods, args.activation_checkpointing = "metaicl,maml-2-4,fomaml-2-4", True
+    return args
 
 
 def run_method(
@@ -69,6 +82,7 @@ def run_method(
         seq_len=args.seq_len,
         second_order=args.second_order,
         attn_implementation=args.attn,
+        activation_checkpointing=args.activation_checkpointing,
     )
     vocab = len(load_tokenizer(fixture.tokenizer_dir))
     predicted = memory_report(args.model, setup, vocab_size=vocab)
@@ -80,6 +94,7 @@ def run_method(
         "seq_len": args.seq_len,
         "micro_batch_size": setup.micro_batch_size,
         "attn": args.attn,
+        "activation_checkpointing": args.activation_checkpointing,
         "second_order": setup.effective_second_order,
         "num_params": predicted.model.num_params,
         "predicted_peak_bytes": predicted.predicted_peak_bytes,

@@ -7,6 +7,7 @@ the meta device under a saved-tensors hook. docs/memory.md says how each number 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -94,18 +95,33 @@ def count_activation_bytes(
     micro_batch_size: int,
     precision: str,
     attn_implementation: str,
+    activation_checkpointing: bool = False,
 ) -> int:
     """Bytes autograd saves for backward in one forward + loss, plus the logits tensor.
 
     Runs the real model on the meta device with a saved-tensors hook and adds each saved
-    tensor's storage once (views count their base). SDPA on the meta device takes the math path,
-    so for `sdpa` this is the eager-like upper bound.
+    tensor's storage once (views count their base). `sdpa` is counted as a fused kernel keeps
+    it: the eager model's saved tensors without the [batch, heads, seq, seq] attention
+    probabilities, plus each layer's fp32 log-sum-exp [batch, heads, seq] (the meta device has
+    no fused kernel to run). With `activation_checkpointing` each layer
+    keeps only its input (micro x seq x hidden), and one layer at a time is recomputed: the
+    count is the rest of the model (embeddings, final norm, logits, loss) + L inputs + one layer,
+    from the counts of the same model with 1 and 2 layers.
     """
+    if activation_checkpointing:
+        one, two = (
+            count_activation_bytes(
+                _with_layers(config, n), seq_len=seq_len, micro_batch_size=micro_batch_size,
+                precision=precision, attn_implementation=attn_implementation,
+            )
+            for n in (1, 2)
+        )  # fmt: skip
+        per_layer = two - one
+        layer_input = micro_batch_size * seq_len * _hidden_size(config) * DTYPE_BYTES[precision]
+        return (one - per_layer) + _num_layers(config) * layer_input + per_layer
+    fused = attn_implementation == "sdpa"
     model = model_from_config(
-        config,
-        attn_implementation=attn_implementation,
-        dtype=TORCH_DTYPES[precision],
-        device="meta",
+        config, attn_implementation="eager", dtype=TORCH_DTYPES[precision], device="meta"
     )
     model.train()
     ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
@@ -114,6 +130,9 @@ def count_activation_bytes(
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t if t._base is None else t._base
+        square = t.dim() == 4 and tuple(t.shape[-2:]) == (seq_len, seq_len)
+        if fused and square:
+            return t
         if id(t) not in param_ids and id(base) not in param_ids:
             saved[id(base)] = (base, base.numel() * base.element_size())
         return t
@@ -124,7 +143,23 @@ def count_activation_bytes(
     logits_bytes = logits.numel() * logits.element_size()
     if id(logits) not in saved and (logits._base is None or id(logits._base) not in saved):
         saved[id(logits)] = (logits, logits_bytes)
-    return sum(nbytes for _, nbytes in saved.values())
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    logsumexp = _num_layers(config) * micro_batch_size * heads * seq_len * 4 if fused else 0
+    return sum(nbytes for _, nbytes in saved.values()) + logsumexp
+
+
+def _num_layers(config: PretrainedConfig) -> int:
+    return int(config.num_hidden_layers)
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    return int(config.hidden_size)
+
+
+def _with_layers(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = num_layers  # GPT-2's n_layer through its attribute map
+    return out
 
 
 _ACTIVATION_CACHE: dict[tuple, int] = {}
@@ -137,9 +172,13 @@ def activation_bytes(
     micro_batch_size: int,
     precision: str,
     attn_implementation: str,
+    activation_checkpointing: bool = False,
 ) -> int:
     """`count_activation_bytes` for a model of `model_facts` (cached)."""
-    key = (facts.name, facts.vocab_size, seq_len, micro_batch_size, precision, attn_implementation)
+    key = (
+        facts.name, facts.vocab_size, seq_len, micro_batch_size, precision, attn_implementation,
+        activation_checkpointing,
+    )  # fmt: skip
     if key not in _ACTIVATION_CACHE:
         config = load_model_config(facts.name)
         if facts.vocab_size:  # what the facts were counted with (tiny: the tokenizer's)
@@ -150,5 +189,6 @@ def activation_bytes(
             micro_batch_size=micro_batch_size,
             precision=precision,
             attn_implementation=attn_implementation,
+            activation_checkpointing=activation_checkpointing,
         )
     return _ACTIVATION_CACHE[key]

@@ -102,6 +102,7 @@ def measure_run_config(
     cfg.deterministic = False  # it would set process-wide torch flags
     cfg.model.name, cfg.model.tokenizer = model, fixture.tokenizer_dir
     cfg.model.attn_implementation = setup.attn_implementation
+    cfg.model.activation_checkpointing = setup.activation_checkpointing
     cfg.data.data_dir = fixture.data_dir
     cfg.data.num_demonstrations = fixture.num_demonstrations
     cfg.data.max_length = setup.seq_len

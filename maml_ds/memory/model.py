@@ -30,6 +30,7 @@ MODELLED_SECOND_ORDER = ("hvp-fd", "first-order")
 Phase = Literal[
     "persistent",
     "forward/backward",
+    "inner step",
     "loss gather",
     "loss forward",
     "loss backward end",
@@ -64,6 +65,8 @@ class MemorySetup:
     second_order: str = "hvp-fd"
     """MAML meta-gradient mode; fomaml-* methods are first-order whatever this says."""
     attn_implementation: Literal["eager", "sdpa"] = "eager"
+    activation_checkpointing: bool = False
+    """Each layer's activations recomputed in the backward (RunConfig.model)."""
     reduce_bucket_size: int = 50_000_000
     """DeepSpeed's gradient-reduction bucket (elements), as in RunConfig.deepspeed."""
 
@@ -130,8 +133,10 @@ SizeFn = Callable[[ModelFacts, MemorySetup], float]
 PhaseSpec = Phase | tuple[Phase, ...]
 LOSS_PHASES: tuple[Phase, ...] = ("loss gather", "loss forward", "loss backward end")
 """Alive through every loss evaluation of a task (support, query, finite-difference passes)."""
+TASK_PHASES: tuple[Phase, ...] = ("inner step", *LOSS_PHASES)
+"""Alive through a task's inner steps and loss evaluations."""
 UPDATE_PHASES: tuple[Phase, ...] = (
-    *LOSS_PHASES, "moment write-back", "meta-gradient gather", "engine.backward", "all-reduce",
+    *TASK_PHASES, "moment write-back", "meta-gradient gather", "engine.backward", "all-reduce",
     "optimizer step",
 )  # fmt: skip
 """Alive through the whole meta-update."""
@@ -172,6 +177,22 @@ def _per_param(
 
 
 # ---- sizes of the MAML step's vectors (maml_ds.training.maml; ZeRO-3 by the same code paths)
+
+
+def sharded_path(setup: MemorySetup) -> bool:
+    """MAML on the sharded ZeRO-3 path (`maml_ds.training.sharded.uses_sharded_path`): every
+    loss an engine pass at a point written into the shards, nothing full-size on a rank."""
+    return (
+        setup.is_maml
+        and setup.zero_stage == 3
+        and setup.effective_second_order in ("hvp-fd", "first-order")
+        and setup.precision != "fp16"
+    )
+
+
+def _gather_path(size: SizeFn) -> SizeFn:
+    """A row of the gather path (maml.make_loss_fn): 0 on the sharded path."""
+    return lambda facts, setup: 0.0 if sharded_path(setup) else size(facts, setup)
 
 
 def _partition(facts: ModelFacts, setup: MemorySetup) -> float:
@@ -245,7 +266,7 @@ def _reduce_bucket(facts: ModelFacts, setup: MemorySetup) -> float:
 
 
 def _zero3_working_set(facts: ModelFacts, setup: MemorySetup) -> float:
-    if setup.zero_stage != 3:
+    if setup.zero_stage != 3 or (setup.is_maml and not sharded_path(setup)):
         return 0.0
     return facts.largest_layer_params * 2 * setup.dtype_bytes
 
@@ -257,6 +278,7 @@ def _activations(facts: ModelFacts, setup: MemorySetup) -> float:
         micro_batch_size=setup.micro_batch_size,
         precision=setup.precision,
         attn_implementation=setup.attn_implementation,
+        activation_checkpointing=setup.activation_checkpointing,
     )
 
 
@@ -265,7 +287,23 @@ def _activation_phase(setup: MemorySetup) -> PhaseSpec:
 
 
 def _reduce_bucket_phase(setup: MemorySetup) -> PhaseSpec:
+    # The sharded path reduces in every loss pass; the gather path only in its engine.backward.
+    if sharded_path(setup):
+        return "loss forward"
     return "engine.backward" if setup.is_maml else "forward/backward"
+
+
+def _pass_gradient(facts: ModelFacts, setup: MemorySetup) -> float:
+    # Sharded path: each pass's gradient, read back from DeepSpeed's partition into an fp32
+    # partition of its own (the result of the loss evaluation).
+    return _partition(facts, setup) if sharded_path(setup) else 0.0
+
+
+def _mean_phase(setup: MemorySetup) -> PhaseSpec:
+    # Sharded path: the mean is the partition gradient, alive through engine.step().
+    if sharded_path(setup):
+        return ("meta-gradient gather", "optimizer step")
+    return "meta-gradient gather"
 
 
 # ---- MAML-only rows
@@ -281,7 +319,7 @@ def _accumulator_phase(setup: MemorySetup) -> PhaseSpec:
     # The engine sums the tasks' meta-gradients in this rank's partition (the first task's
     # result becomes the sum): from n = 2 on it is alive while the later tasks evaluate losses.
     if setup.method_spec.num_tasks >= 2:
-        return (*LOSS_PHASES, "moment write-back", "meta-gradient gather")
+        return (*TASK_PHASES, "moment write-back", "meta-gradient gather")
     return "meta-gradient gather"
 
 
@@ -323,11 +361,12 @@ def _hvp_vectors(facts: ModelFacts, setup: MemorySetup) -> float:
     # hvp-fd, one-sided: g_S(theta_j), u, D_j and w = D_j u, fp32 partitions (the engine copies
     # the partition's gradient out of the full-size flat gradient). Reverse steps j < k-1 also
     # hold the AdamW state after step j (new at j = 0, replayed in place for j >= 1) while
-    # theta_0 needs no copy: one more partition for k = 2, two for k >= 3.
+    # theta_0 needs no copy: one more partition for k = 2, two for k >= 3; for k >= 2 also
+    # g_S(theta_0), kept from the forward pass for the replays and the last reverse step.
     if setup.effective_second_order != "hvp-fd":
         return 0.0
     k = setup.method_spec.num_inner_steps
-    return (4 if k == 1 else 5 if k == 2 else 6) * _partition(facts, setup)
+    return (4 if k == 1 else 6 if k == 2 else 7) * _partition(facts, setup)
 
 
 def _gathered_parameters(facts: ModelFacts, setup: MemorySetup) -> float:
@@ -359,8 +398,9 @@ def _gathered_meta_gradient(facts: ModelFacts, setup: MemorySetup) -> float:
 
 PHASE_GROUPS: dict[tuple[Phase, ...], str] = {
     LOSS_PHASES: "loss evaluations",
-    (*LOSS_PHASES, "moment write-back", "meta-gradient gather"): "tasks 2..n, gather",
-    (*LOSS_PHASES, "moment write-back"): "task",
+    (*TASK_PHASES, "moment write-back", "meta-gradient gather"): "tasks 2..n, gather",
+    (*TASK_PHASES, "moment write-back"): "task",
+    TASK_PHASES: "inner steps, loss evaluations",
     UPDATE_PHASES: "meta-update",
     ("meta-gradient gather", "engine.backward"): "meta-gradient to engine",
     ("loss gather", "meta-gradient gather"): "gathers",
@@ -414,21 +454,21 @@ COMPONENTS: tuple[Component, ...] = (
         methods=("maml",),
     ),
     Component(
-        "partition_copies", "ZeRO-0 partition copies", LOSS_PHASES,
+        "partition_copies", "ZeRO-0 partition copies", TASK_PHASES,
         _partition_copies,
         "ZeRO-0 only: this rank's 1/W chunk of theta and of m, v, copied to fp32 per task",
         methods=("maml",),
     ),
     Component(
         "inner_state", "inner AdamW moments after the inner steps",
-        (*LOSS_PHASES, "moment write-back"),
+        (*TASK_PHASES, "moment write-back"),
         _inner_state,
         "m, v of the partition after the k inner steps (new fp32 tensors, written back into the "
         "shared state at the end of the task)",
         methods=("maml",),
     ),
     Component(
-        "adapted_copy", "adapted parameters theta_k / theta_j + eps*w", LOSS_PHASES,
+        "adapted_copy", "adapted parameters theta_k / theta_j + eps*w", TASK_PHASES,
         _adapted_copy,
         "ONE fp32 partition copy (two for hvp-fd with k >= 2); tasks run one after another, so "
         "it does not grow with n",
@@ -438,33 +478,33 @@ COMPONENTS: tuple[Component, ...] = (
         "hvp_vectors", "hvp-fd vectors g_S, u, D, D*u", LOSS_PHASES,
         _hvp_vectors,
         "one-sided finite differences: g_S(theta_j), u, D_j, D_j u, fp32 partitions (4 x "
-        "4P/W; 6 for k >= 2: the replayed AdamW state)",
+        "4P/W; k = 2: 6, k >= 3: 7 with the replayed AdamW state and the kept g_S(theta_0))",
         methods=("maml",),
     ),
     Component(
-        "zero3_working_set", "ZeRO-3 gathered layer", "forward/backward",
+        "zero3_working_set", "ZeRO-3 gathered layer", _activation_phase,
         _zero3_working_set,
-        "the largest layer gathered, with its gradient before reduction (model dtype)",
-        methods=("metaicl",),
+        "the largest layer gathered, with its gradient before reduction (model dtype); MAML: "
+        "the sharded path's passes",
         in_deepspeed_estimate=lambda s: s.zero_stage == 3,
     ),
     Component(
         "zero3_gathered_model", "ZeRO-3 gathered model for engine.backward", "engine.backward",
-        lambda f, s: _model_copy(f, s) if s.zero_stage == 3 else 0.0,
+        _gather_path(lambda f, s: _model_copy(f, s) if s.zero_stage == 3 else 0.0),
         "ZeRO-3 only: the meta-gradient's engine.backward runs inside GatheredParameters(all "
         "parameters), materialising the full model (model dtype); not measured",
         methods=("maml",),
     ),
     Component(
         "gathered_parameters", "gathered full parameters", ("loss gather", "loss forward"),
-        _gathered_parameters,
+        _gather_path(_gathered_parameters),
         "every loss evaluation all-reduces the zero-padded fp32 partitions into a full flat "
         "vector (4P): the parameters at fp32 are views of it, at 16 bits model-dtype copies",
         methods=("maml",),
     ),
     Component(
         "gather_transient", "gather transient", ("loss gather", "meta-gradient gather"),
-        _gather_transient,
+        _gather_path(_gather_transient),
         "while gathering: the flat vector and its all-reduced clone (W > 1), or the flat "
         "while the 16-bit copies are made",
         methods=("maml",),
@@ -477,9 +517,16 @@ COMPONENTS: tuple[Component, ...] = (
     ),
     Component(
         "gather_backward", "gather backward buffers", "loss backward end",
-        _gather_backward,
+        _gather_path(_gather_backward),
         "end of each loss backward: every parameter's fp32 gradient and their concatenation "
         "(the backward of the split of the flat vector); activations are freed by then",
+        methods=("maml",),
+    ),
+    Component(
+        "inner_step_scratch", "inner step: support gradient, AdamW denominator", "inner step",
+        lambda f, s: 2 * _partition(f, s),
+        "while an inner AdamW step runs: the support gradient g_S(theta_j) and sqrt(v) / its "
+        "denominator, fp32 partitions (the new theta_(j+1) is the adapted copy)",
         methods=("maml",),
     ),
     Component(
@@ -496,15 +543,23 @@ COMPONENTS: tuple[Component, ...] = (
         methods=("maml",),
     ),
     Component(
-        "meta_gradient_mean", "meta-gradient mean (sum / n)", "meta-gradient gather",
+        "meta_gradient_mean", "meta-gradient mean (sum / n)", _mean_phase,
         _partition,
-        "the accumulator divided by n, an fp32 partition, while it is gathered",
+        "the accumulator divided by n, an fp32 partition, while it is gathered (sharded path: "
+        "the gradient engine.step() applies)",
+        methods=("maml",),
+    ),
+    Component(
+        "pass_gradient", "sharded pass gradient", "loss backward end",
+        _pass_gradient,
+        "sharded path (ZeRO-3 hvp-fd / first-order): each loss pass's gradient partition, read "
+        "back from DeepSpeed into fp32 (safe_get_local_grad)",
         methods=("maml",),
     ),
     Component(
         "gathered_meta_gradient", "gathered meta-gradient",
         ("meta-gradient gather", "engine.backward"),
-        _gathered_meta_gradient,
+        _gather_path(_gathered_meta_gradient),
         "gathered to full size once per meta-update for engine.backward(sum(p * g)): the fp32 "
         "flat (4P) at fp32, model-dtype copies at 16 bits",
         methods=("maml",),

@@ -515,6 +515,7 @@ def meta_gradient(
     fd_mode: FdMode = "one-sided",
     fd_scale: float | None = None,
     norm_fn: NormFn | None = None,
+    keep_first_support_gradient: bool = False,
 ) -> MetaGradient:
     """Meta-gradient of one task: d L_Q(theta_k(theta)) / d theta after k inner steps.
 
@@ -552,6 +553,9 @@ def meta_gradient(
         norm_fn: the L2 norm of a dict of tensors used for the FD step (default: the local
             norm). A caller whose `params` are one rank's partition passes a norm all-reduced
             over the ranks, so that every rank takes the same step.
+        keep_first_support_gradient: hvp-fd with k >= 2: keep g_S(theta_0) from the forward
+            pass for the replays and the last reverse step (one more parameter-sized copy
+            alive, k - 1 fewer support passes per task; the result is the same).
 
     Second-order modes run the forward passes they differentiate twice under the math SDPA
     kernel, so models with attn_implementation="sdpa" work in "exact" and "hvp"; an op without
@@ -595,6 +599,7 @@ def meta_gradient(
     return _recursive(
         loss_fn, theta0, state0, support, query, config,
         second_order=second_order, fd_mode=fd_mode, fd_scale=fd_scale, norm_fn=norm_fn,
+        keep_first=keep_first_support_gradient,
     )  # fmt: skip
 
 
@@ -637,11 +642,16 @@ def _replay(
     batches: list[Any],
     rngs: list[RngSnapshot],
     config: InnerStepConfig,
+    first_grads: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], AdamWState | None]:
-    """theta_j and the AdamW state before step j, recomputed from theta_0 over `batches`."""
+    """theta_j and the AdamW state before step j, recomputed from theta_0 over `batches`
+    (step 0 from `first_grads`, the support gradient at theta_0, when given)."""
     theta, state = theta0, state0
     for i, (batch, rng) in enumerate(zip(batches, rngs, strict=True)):
-        grads = support_gradient(loss_fn, theta, batch, rng=rng).grads
+        if i == 0 and first_grads is not None:
+            grads = first_grads
+        else:
+            grads = support_gradient(loss_fn, theta, batch, rng=rng).grads
         # Step 0 reads the caller's theta_0 / state_0; later steps overwrite working copies.
         theta, state = inner_step(
             theta, grads, config, state, params_in_place=i > 0, state_in_place=i > 0
@@ -664,22 +674,27 @@ def _forward(
     *,
     keep_last: bool,
     last_graph: bool,
+    keep_first: bool = False,
 ) -> tuple[
     dict[str, Tensor],
     AdamWState | None,
     list[Tensor],
     list[RngSnapshot],
     tuple[dict[str, Tensor], SupportGradient, AdamWState | None] | None,
+    SupportGradient | None,
 ]:
-    """The k inner steps without graphs: (theta_k, state_k, support losses, RNG states, last).
+    """The k inner steps without graphs: (theta_k, state_k, support losses, RNG states, last,
+    first).
 
     `last` = (theta_(k-1), its support gradient, the state after step k-1) for the reverse pass
     (None if not `keep_last` or k = 0); with `last_graph` that support gradient keeps its graph
-    for an exact HVP.
+    for an exact HVP. `first` = the support gradient at theta_0 when `keep_first` and k >= 2:
+    every replay and the reverse pass's last step start from it (one partition-sized copy
+    instead of one support pass each).
     """
     theta, state = theta0, state0
     losses, rngs = [], []
-    last = None
+    last = first = None
     for j, batch in enumerate(support):
         is_last = j == len(support) - 1
         rngs.append(RngSnapshot.capture())
@@ -698,7 +713,9 @@ def _forward(
         )
         if keep:
             last = (theta_j, sg, state)
-    return theta, state, losses, rngs, last
+        if j == 0 and keep_first and not is_last:
+            first = sg
+    return theta, state, losses, rngs, last, first
 
 
 def _recursive(
@@ -713,6 +730,7 @@ def _recursive(
     fd_mode: FdMode,
     fd_scale: float | None,
     norm_fn: NormFn | None = None,
+    keep_first: bool = False,
 ) -> MetaGradient:
     """`hvp`, `hvp-fd` and `first-order`: forward pass, then the reverse recursion.
 
@@ -721,9 +739,11 @@ def _recursive(
     """
     num_steps = len(support)
     exact_hvp = second_order == "hvp"
-    theta_k, state_k, support_losses, rngs, last = _forward(
+    needs_grad_at_theta = exact_hvp or fd_mode == "one-sided" or config.optimizer == "adamw"
+    theta_k, state_k, support_losses, rngs, last, first = _forward(
         loss_fn, theta0, state0, support, config, keep_last=second_order != "first-order",
         last_graph=exact_hvp,
+        keep_first=keep_first and second_order == "hvp-fd" and needs_grad_at_theta,
     )  # fmt: skip
     query_loss, u = query_gradient(loss_fn, theta_k, query)
     del theta_k  # not needed any more
@@ -731,16 +751,20 @@ def _recursive(
         return MetaGradient(u, _mean_loss(support_losses), query_loss, state_k)
 
     # Reverse recursion, j = k-1 .. 0; step j needs theta_j, g_Sj(theta_j) and D_j.
-    needs_grad_at_theta = exact_hvp or fd_mode == "one-sided" or config.optimizer == "adamw"
     for j in reversed(range(num_steps)):
         sg_j: SupportGradient | None
         if last is not None:
             theta_j, sg_j, state_after = last
             last = None
         else:
-            theta_j, state_j = _replay(loss_fn, theta0, state0, support[:j], rngs[:j], config)
+            theta_j, state_j = _replay(
+                loss_fn, theta0, state0, support[:j], rngs[:j], config,
+                first_grads=None if first is None else first.grads,
+            )  # fmt: skip
             sg_j = None
-            if needs_grad_at_theta:
+            if j == 0 and first is not None:  # kept from the forward pass (hvp-fd, k >= 2)
+                sg_j, first = first, None
+            elif needs_grad_at_theta:
                 sg_j = support_gradient(
                     loss_fn, theta_j, support[j], create_graph=exact_hvp, rng=rngs[j]
                 )

@@ -108,6 +108,7 @@ class MamlStep:
                 fd_mode=cfg.meta.fd_mode,
                 fd_scale=cfg.meta.fd_scale,
                 norm_fn=layout.global_norm,
+                keep_first_support_gradient=True,  # k >= 2: one partition, k - 1 passes fewer
             )
             moments_finite = moments_finite and _moments_are_finite(result.adam_state)
             layout.store_moments(result.adam_state)

@@ -40,6 +40,7 @@ def test_paper_setup_json(tmp_path):
             "fp16",
             "--json",
             str(out),
+            "--breakdown",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -62,10 +63,26 @@ def test_paper_setup_json(tmp_path):
     assert [pt["num_tasks"] for pt in data["vs_num_tasks"]] == list(range(1, 9))
 
 
+def test_answer_first():
+    """Without --breakdown: the peak, the cards it fits, the largest term and its flag."""
+    args = ["memory", "--model", "gpt2-xl", "--method", "maml-2-4", "--gpus", "8", "--zero", "3",
+            "--precision", "bf16"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "predicted peak per GPU: " in text and "a100-80gb yes" in text
+    assert "largest term: activations" in text and "--activation-checkpointing gives" in text
+    assert "gather backward" not in text and "memory vs number of tasks" not in text
+    one = runner.invoke(app, [*args, "--activation-checkpointing", "--preset", "v100-16gb"])
+    assert "v100-16gb yes" in flat(one.output) and "a100-80gb" not in flat(one.output)
+
+
 def test_metaicl_table():
     result = runner.invoke(
-        app, ["memory", "--model", "gpt2", "--zero", "3", "--gpus", "4", "--precision", "bf16"]
-    )
+        app,
+        ["memory", "--model", "gpt2", "--zero", "3", "--gpus", "4", "--precision", "bf16",
+         "--breakdown"],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     text = flat(result.output)
     assert "paper formula" in text and "2*S(theta)" in text
