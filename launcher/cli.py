@@ -58,6 +58,7 @@ from launcher.export_cmd import export_command  # noqa: E402
 from launcher.launch import launch  # noqa: E402
 from launcher.memory_cmd import memory  # noqa: E402
 from launcher.plot_cmd import plot_command  # noqa: E402
+from launcher.study_cmd import study_command  # noqa: E402
 from launcher.train_cmd import train_command  # noqa: E402
 
 app.command("train", cls=SectionedHelp)(train_command)
@@ -68,6 +69,7 @@ app.command("launch")(launch)
 app.command("memory")(memory)
 app.command("export")(export_command)
 app.command("plot")(plot_command)
+app.command("study")(study_command)
 app.add_typer(data_app, name="data")
 
 
