@@ -312,7 +312,7 @@ class PartitionLayout:
         names = {id(p): n for n, p in self.module.named_parameters()}
         self.param_by_name = dict(self.module.named_parameters())
         self.dtype_by_name = {n: _param_dtype(p) for n, p in self.param_by_name.items()}
-        self.forward_module = self.module
+        self._shadow_module: torch.nn.Module | None = None
         self.groups: list[_Group] = []
         if stage == 0:
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -340,7 +340,6 @@ class PartitionLayout:
                 )  # fmt: skip
             self.keys = [f"group{i}" for i in range(len(self.groups))]
             self._partitions = list(zopt.fp32_partitioned_groups_flat)
-            self.forward_module = _shadow(self.module)
         else:
             zopt = engine.optimizer
             for i, group in enumerate(zopt.round_robin_bit16_groups):
@@ -354,6 +353,16 @@ class PartitionLayout:
                 )  # fmt: skip
             self.keys = [f"group{i}" for i in range(len(self.groups))]
             self._partitions = list(zopt.single_partition_of_fp32_groups)
+
+    @property
+    def forward_module(self) -> torch.nn.Module:
+        """The module the gather path's `functional_call` runs: the engine's own at ZeRO 0-2, a
+        meta-device shadow at ZeRO-3, built on first use (the sharded path never needs it)."""
+        if self.stage != 3:
+            return self.module
+        if self._shadow_module is None:
+            self._shadow_module = _shadow(self.module)
+        return self._shadow_module
 
     # ---------------------------------------------------------------- parameters
     def local_params(self) -> dict[str, Tensor]:

@@ -56,12 +56,16 @@ def test_a_folder_with_weights_is_not_config_only(tmp_path):
 
 @pytest.mark.parametrize(
     ("method", "zero", "extra"),
-    [("metaicl", "3", "--activation-checkpointing"), ("fomaml-2-2", "2", "--attn-implementation")],
+    [
+        ("metaicl", "3", "--activation-checkpointing"),
+        ("fomaml-2-2", "2", "--attn-implementation"),
+        ("maml-2-1", "3", "--activation-checkpointing"),
+    ],
 )
 def test_train_a_tiny_llama(method, zero, extra, synth_dir, tokenizer_dir, tmp_path):
-    """MetaICL at ZeRO-3 with checkpointing; FOMAML at ZeRO-2 with SDPA (the gather path: the
-    sharded path's shadow-free layout is wanted in zero_layout for MAML at ZeRO-3 with Llama's
-    rotary buffers)."""
+    """MetaICL at ZeRO-3 with checkpointing; FOMAML at ZeRO-2 with SDPA (the gather path);
+    second-order MAML at ZeRO-3 with checkpointing (the sharded path: Llama's rotary buffers
+    need no meta-device shadow there)."""
     from tests.helpers import maml_ds
 
     out = tmp_path / "run"
