@@ -62,14 +62,14 @@ from launcher.study_cmd import study_command  # noqa: E402
 from launcher.train_cmd import train_command  # noqa: E402
 
 app.command("train", cls=SectionedHelp)(train_command)
-app.command("eval")(eval_command)
-app.command("adapt")(adapt_command)
-app.command("compare")(compare_command)
-app.command("launch")(launch)
-app.command("memory")(memory)
-app.command("export")(export_command)
-app.command("plot")(plot_command)
-app.command("study")(study_command)
+app.command("eval", cls=SectionedHelp)(eval_command)
+app.command("adapt", cls=SectionedHelp)(adapt_command)
+app.command("compare", cls=SectionedHelp)(compare_command)
+app.command("launch", cls=SectionedHelp)(launch)
+app.command("memory", cls=SectionedHelp)(memory)
+app.command("export", cls=SectionedHelp)(export_command)
+app.command("plot", cls=SectionedHelp)(plot_command)
+app.command("study", cls=SectionedHelp)(study_command)
 app.add_typer(data_app, name="data")
 
 

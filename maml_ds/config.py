@@ -206,7 +206,8 @@ class OptimConfig:
 
 @dataclass
 class MetaConfig:
-    """MAML-en-LLM, ignored by --method metaicl."""
+    """MAML-en-LLM: the inner and second-order settings (MetaICL follows only the outer
+    optimizer settings, --outer-optimizer and --no-shared-moments: the Table 5 ablation)."""
 
     inner_lr: float = 1e-5
     """Learning rate of the inner (support-set) steps."""
@@ -220,7 +221,7 @@ class MetaConfig:
     inner_optimizer: OptimizerName = "adamw"
     """Optimizer of the inner steps."""
     outer_optimizer: OptimizerName = "adamw"
-    """Optimizer of the meta-update."""
+    """Optimizer of the meta-update (and of MetaICL's update)."""
     shared_moments: bool = True
     """Inner and outer AdamW share their moments (--no-shared-moments: fresh inner state per
     meta-update)."""
