@@ -5,7 +5,7 @@ drawn per task, so a label cannot be known without the demonstrations: the suite
 in-context learning. Six families mirror the real MetaICL settings:
 
 - ``keyword``    (classification): each class owns 2 trigger words; the input is ONE trigger word.
-                 The family a tiny model learns first (``synthetic-icl-notes.md``).
+                 The family a tiny model learns first (docs/synthetic-suite.md).
 - ``topic``      (classification): each class owns a set of 6 words; the input is 2-4 of them.
 - ``attribute``  (classification): every word carries 4 hidden ternary attributes; the task labels
                  inputs (2-3 words sharing a value) by one attribute.
@@ -22,7 +22,7 @@ partitions and QA rules never used by a training task; fresh word sets for keywo
 Each family also has test tasks over a second, held-out vocabulary built from other syllables:
 the "unseen domain".
 
-Layout written (``metaicl-protocol.md``)::
+Layout written (docs/data.md)::
 
     DIR/{task}/{task}_16384_100_train.jsonl          meta-training tasks
     DIR/{task}/{task}_{k}_{seed}_{train,dev,test}.jsonl   test tasks, seeds 100, 13, 21, 42, 87
@@ -73,7 +73,7 @@ RELATIONS = ("same", "reversed", "shuffled", "disjoint", "one_changed")
 QA_RULES = ("first", "last", "present", "absent", "repeated")
 
 # setting -> (families of its training tasks, families of its test tasks); mirrors the real
-# MetaICL settings (metaicl-protocol.md). Train and test tasks are disjoint in every setting
+# MetaICL settings (docs/data.md). Train and test tasks are disjoint in every setting
 # (MetaICL's `sick` quirk in non_nli_to_nli has no synthetic counterpart).
 _NON = {f: tuple(g for g in FAMILIES if g != f) for f in FAMILIES}
 SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -87,7 +87,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 # Family shapes. Inputs stay at 1-6 words (7 for pairs): a BPE tokenizer makes made-up words 2-3x
-# longer (synthetic-icl-notes.md), and 16 demonstrations must fit the 1024-token context.
+# longer (docs/synthetic-suite.md), and 16 demonstrations must fit the 1024-token context.
 KEYWORD_TRIGGERS_PER_CLASS = 2
 TOPIC_WORDS_PER_CLASS = 6
 TOPIC_INPUT_WORDS = (2, 4)
@@ -760,7 +760,7 @@ def write_synthetic_suite(
 
 
 # --------------------------------------------------------------------------------------------
-# The no-model reference (synthetic-icl-notes.md): proof that the demonstrations carry the label.
+# The no-model reference (docs/synthetic-suite.md): proof that the demonstrations carry the label.
 
 
 def _qa_signature(option: str, words: Sequence[str]) -> tuple[bool, bool, int]:

@@ -28,7 +28,7 @@ from maml_ds.models import MEASURE_MODEL
 
 MEASURE_SEQ_LEN = 128
 MEASURE_BUCKET = 200_000
-"""Small reduction buckets for measurement (deepspeed-notes.md: the default dominates small
+"""Small reduction buckets for measurement (docs/memory.md: the default dominates small
 models)."""
 DEMONSTRATIONS_PER_128_TOKENS = 32
 """Enough that every prompt of the synthetic suite fills its tokens (with MetaICL's 16 one

@@ -5,7 +5,7 @@ maml-2-2 / fomaml-2-2 meta-update computed both ways at the same point (1e-4 rel
 two meta-updates of maml-2-4 / fomaml-2-4 through MamlStep on each path (losses 1e-4, final
 parameters), also with activation checkpointing and SDPA on the sharded side. Persistence
 threshold 1000: the tiny model has parameters on both sides of it (the trap in
-../shared/docs/deepspeed-notes.md). The memory test (slow) measures what partitioning buys.
+docs/engine.md). The memory test (slow) measures what partitioning buys.
 """
 
 from __future__ import annotations

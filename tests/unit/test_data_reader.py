@@ -29,7 +29,7 @@ from maml_ds.data.tasks import (
 
 FOUR_UNSEEN = {"financial_phrasebank", "medical_questions_pairs", "poem_sentiment", "climate_fever"}
 
-# docs/metaicl-protocol.md, "Settings"
+# the MetaICL settings (maml_ds/data/metaicl_config)
 PROTOCOL_TABLE = {
     "hr_to_lr": (61, 26, FOUR_UNSEEN),
     "class_to_class": (43, 20, FOUR_UNSEEN),
