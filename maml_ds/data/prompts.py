@@ -1,8 +1,8 @@
 r"""The MetaICL prompt: demonstrations + one target example, as token ids with a scored mask.
 
 Layout (docs/evaluation.md, "What is computed"). `|` separates pieces; each piece is tokenized
-on its own with `add_special_tokens=False` and the token lists are concatenated; no BOS/EOS, also with
-tokenizers that add a BOS themselves (Llama, Mistral): none appears inside a prompt, and none
+on its own with `add_special_tokens=False` and the token lists are concatenated; no BOS/EOS,
+also with tokenizers that add a BOS themselves (Llama, Mistral): none appears inside a prompt, and none
 is put at position 0 (random-init models need none; a pretrained Llama's BOS is not added):
 
     direct:  x1 | \ny1 | \n\n\nx2 | \ny2 | ... | \n\n\nx_test | \n<option>   (option scored)
