@@ -2,8 +2,9 @@ r"""The MetaICL prompt: demonstrations + one target example, as token ids with a
 
 Layout (docs/evaluation.md, "What is computed"). `|` separates pieces; each piece is tokenized
 on its own with `add_special_tokens=False` and the token lists are concatenated; no BOS/EOS,
-also with tokenizers that add a BOS themselves (Llama, Mistral): none appears inside a prompt, and none
-is put at position 0 (random-init models need none; a pretrained Llama's BOS is not added):
+also with tokenizers that add a BOS themselves (Llama, Mistral): none appears inside a prompt,
+and none is put at position 0 (random-init models need none; a pretrained Llama's BOS is not
+added):
 
     direct:  x1 | \ny1 | \n\n\nx2 | \ny2 | ... | \n\n\nx_test | \n<option>   (option scored)
     channel: y1 | \nx1 | \n\n\ny2 | \nx2 | ... | \n\n\n<option> | \nx_test   (x_test scored)
