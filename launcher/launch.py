@@ -382,7 +382,10 @@ def _summary(plan: LaunchPlan, console: Console) -> None:
 
 
 def launch(
-    method: Annotated[str, typer.Option(help="metaicl | maml-2k-n | fomaml-2k-n")],
+    method: Annotated[
+        str | None,
+        typer.Option(help="metaicl | maml-2k-n | fomaml-2k-n (with --eval: the run's own)"),
+    ] = None,
     nodes: Annotated[int | None, typer.Option(help="number of nodes  [default: 1]")] = None,
     gpus: Annotated[
         int | None, typer.Option(help="GPUs per node (CPU ranks with --preset cpu)  [default: 1]")
@@ -438,6 +441,14 @@ def launch(
             "folder already holds a run)",
         ),
     ] = False,
+    eval_run: Annotated[
+        bool,
+        typer.Option(
+            "--eval",
+            help="evaluate the run in --run-dir on these ranks instead of training: the "
+            "options after `--` are `maml-ds eval` options (its (task, seed) pairs are shared)",
+        ),
+    ] = False,
     train_options: Annotated[
         list[str] | None, typer.Argument(help="`maml-ds train` options, after `--`")
     ] = None,
@@ -448,7 +459,12 @@ def launch(
     --preset v100-32gb -- --data data/metaicl --setting hr_to_lr --max-steps 30000
     """
     console = Console(stderr=True)
+    options = list(train_options or [])
     try:
+        if eval_run:
+            method, options = _eval_launch_method(run_dir), []
+        elif method is None:
+            raise ConfigError(["--method is required (metaicl | maml-2k-n | fomaml-2k-n)"])
         plan = plan_launch(
             method=method,
             nodes=nodes,
@@ -468,9 +484,11 @@ def launch(
             include=include,
             exclude=exclude,
             ssh_port=ssh_port,
-            train_options=list(train_options or []),
+            train_options=options,
         )
-        if not dry_run:
+        if eval_run:
+            _as_eval_launch(plan, list(train_options or []))
+        elif not dry_run:
             plan.notes += check_before_run(plan)
     except ConfigError as err:
         raise fail(str(err)) from None
@@ -487,13 +505,18 @@ def launch(
     if note:
         plan.notes.append(note)
     folder = plan.run_dir
-    if dry_run and holds_run(plan.run_dir):
+    if eval_run and not dry_run:  # the run's record stays as it is: a hostfile beside eval/
+        folder = plan.run_dir / "eval" / "launch"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / HOSTFILE, format_hostfile(plan.hosts))
+    elif dry_run and holds_run(plan.run_dir):
         folder = Path(tempfile.mkdtemp(prefix="maml-ds-dry-run-"))
         plan.notes.append(
             f"{plan.run_dir} holds a run: nothing written there; the files a launch would "
             f"write are in {folder}"
         )
-    write_run_folder(plan, folder)
+    if not eval_run:
+        write_run_folder(plan, folder)
     _summary(plan, console)
     typer.echo(plan.command_line())
     if dry_run:
@@ -502,3 +525,20 @@ def launch(
     if code != 0:
         console.print(f"[bold red]deepspeed exited with code {code}[/]")
     raise typer.Exit(code)
+
+
+def _eval_launch_method(run_dir: Path | None) -> str:
+    """`launch --eval`: the run folder's method (its config.json), for the plan's batch sizes."""
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(
+            [f"--eval needs --run-dir of a trained run (with {CONFIG_FILE}), got {run_dir}"]
+        )
+    return RunConfig.load(run_dir / CONFIG_FILE).method
+
+
+def _as_eval_launch(plan: LaunchPlan, eval_options: list[str]) -> None:
+    """Turn a training plan into `maml-ds eval --model RUN ...` on the same ranks."""
+    at = plan.argv.index(_executable("maml-ds"))
+    hostfile = plan.argv.index("--hostfile") + 1
+    plan.argv[hostfile] = str(plan.run_dir / "eval" / "launch" / HOSTFILE)
+    plan.argv[at:] = [_executable("maml-ds"), "eval", "--model", str(plan.run_dir), *eval_options]

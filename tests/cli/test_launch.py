@@ -856,3 +856,26 @@ def test_sigterm_reaches_the_ranks(synth_dir, tmp_path, target):
     assert proc.returncode != 0, out[-3000:]
     assert _group_members(deepspeed_runner.pid) == [], out[-3000:]
     assert time.monotonic() - started < 60
+
+
+def test_launch_eval_shares_the_pairs_and_leaves_the_run_alone(synth_dir, tokenizer_dir, tmp_path):
+    """`launch --eval`: the same ranks run `maml-ds eval --model RUN ...`; the result equals a
+    one-process eval, and the run's record is untouched."""
+    run = tmp_path / "run"
+    common = ["--data", synth_dir, "--setting", "synthetic", "--model", "tiny", "--k", "4"]
+    maml_ds("train", *common, "--tokenizer", tokenizer_dir, "--out", run, "--max-steps", "1")
+    record = {name: (run / name).read_bytes() for name in ("config.json", "history.jsonl")}
+    eval_options = ["--unseen-only", "--seeds", "100", "--k", "16", "--batch-size", "8"]
+    maml_ds("eval", "--model", run, *eval_options, "--out", tmp_path / "one")
+    proc = maml_ds(
+        "launch", "--eval", "--gpus", "2", "--preset", "cpu", "--run-dir", run,
+        "--master-port", str(free_port()), "--", *eval_options, "--out", tmp_path / "two",
+    )  # fmt: skip
+    assert " eval --model " in proc.stdout and "--num_gpus 2" in proc.stdout
+    (one,) = sorted((tmp_path / "one").glob("eval_*.json"))
+    two = json.loads((tmp_path / "two" / one.name).read_text())
+    one = json.loads(one.read_text())
+    for result in (one, two):
+        result.pop("wall_seconds"), result["scoring"].pop("seconds")
+    assert two == one
+    assert {name: (run / name).read_bytes() for name in record} == record
