@@ -829,7 +829,8 @@ def _group_members(pgid: int) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("target", ["launch", "runner"])
+# SIGTERM to the runner alone takes the same forwarding path as to launch: on demand only
+@pytest.mark.parametrize("target", ["launch", pytest.param("runner", marks=pytest.mark.slow)])
 def test_sigterm_reaches_the_ranks(synth_dir, tmp_path, target):
     """SIGTERM to `maml-ds launch` or to the DeepSpeed runner alone: no rank is left running."""
     import psutil

@@ -46,7 +46,7 @@ def fake_run(run: Path, cfg: RunConfig, *, world_size: int = 1, config_json: boo
 # A valid new value for every field (the saved config above: metaicl, ZeRO-1, fp32, k 4).
 NEW_VALUES = {
     "method": "maml-2-2", "out_dir": None, "max_steps": 8, "seed": 1, "save_every": 1,
-    "log_every": 1, "deterministic": False,
+    "log_every": 1, "max_consecutive_skips": 3, "deterministic": False,
     "model.name": "tiny-128", "model.tokenizer": "some/tokenizer",
     "model.attn_implementation": "sdpa", "model.activation_checkpointing": True,
     "model.dropout": 0.1,
