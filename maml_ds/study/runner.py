@@ -93,8 +93,10 @@ def log_path(out_dir: Path, step: Step) -> Path:
 
 
 def _holds_checkpoints(run_dir: Path) -> bool:
-    ckpt = run_dir / "checkpoints"
-    return ckpt.is_dir() and any(ckpt.iterdir())
+    """The rule `maml-ds train` applies: such a run folder continues only with --resume."""
+    from maml_ds.training import CHECKPOINTS, checkpoint
+
+    return checkpoint.holds_checkpoints(run_dir / CHECKPOINTS)
 
 
 def step_argv(step: Step) -> list[str]:

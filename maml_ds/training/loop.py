@@ -58,8 +58,7 @@ __all__ = [
     "train",
 ]
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
+CONFIG_FILE, CHECKPOINTS = run_record.CONFIG_FILE, run_record.CHECKPOINTS
 HISTORY_FILE = "history.jsonl"
 
 StepFunction = Callable[[TrainContext], StepStats]
