@@ -13,21 +13,24 @@ in-context learning. Six families mirror the real MetaICL settings:
                  ``"a b c [SEP] x y z"``; the label is the block of a partition of the five
                  relations of the second half to the first (same / reversed / shuffled /
                  disjoint / one word changed) that the pair falls in.
-- ``qa``         (multi-choice, 3-4 options per line): the answer is the option that is the first
-                 word / the last word / the only one present / the only one absent / the one
-                 repeated in the input.
+- ``qa``         (multi-choice, 3-4 options per line): training tasks answer with the option that
+                 is the first word / the last word / the only one present / the only one absent /
+                 the one repeated in the input; test tasks with the one option in the task's
+                 hidden answer set (the "member" rule: the input alone cannot tell it).
 
 Held-out (test) tasks use held-out label words and held-out rules (attributes, relation
-partitions and QA rules never used by a training task; fresh word sets for keyword and topic).
+partitions and the QA rule never used by a training task; fresh word sets for keyword and topic).
 Each family also has test tasks over a second, held-out vocabulary built from other syllables:
-the "unseen domain".
+the "unseen domain". Validation tasks are drawn like the test tasks (other instances), for
+choosing lr and steps without looking at the test tasks.
 
 Layout written (docs/data.md)::
 
     DIR/{task}/{task}_16384_100_train.jsonl          meta-training tasks
-    DIR/{task}/{task}_{k}_{seed}_{train,dev,test}.jsonl   test tasks, seeds 100, 13, 21, 42, 87
-    DIR/config/{setting}.json                        {"train", "test", "unseen_domain_test"}
+    DIR/{task}/{task}_{k}_{seed}_{train,dev,test}.jsonl   test and validation tasks, 5 seeds
+    DIR/config/{setting}.json              {"train", "test", "unseen_domain_test", "validation"}
     DIR/config/tasks/{task}.json                     {"task_type", "options"}
+    DIR/tokenizer/                                   a word-level tokenizer of every word
     DIR/synthetic_suite.json                         manifest: parameters, tasks, files
 
 The same seed gives byte-identical files: every random draw comes from a ``random.Random`` seeded
@@ -39,8 +42,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
-from collections.abc import Callable, Sequence
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,10 +55,14 @@ from maml_ds.data.reader import (
     META_TRAIN_SEED,
     TEST_SEEDS,
     Example,
+    load_examples,
     load_target_examples,
 )
+from maml_ds.data.tasks import load_task_config
 
 MANIFEST_NAME = "synthetic_suite.json"
+TOKENIZER_DIR = "tokenizer"
+"""The suite's word-level tokenizer (`word_tokenizer.py`), relative to the suite folder."""
 SMALL_SUITE: dict[str, int] = {
     "num_train_tasks": 6,
     "train_examples_per_task": 48,
@@ -62,6 +72,7 @@ SMALL_SUITE: dict[str, int] = {
     "num_unseen_domain_words": 48,
     "num_label_words": 24,
     "num_heldout_label_words": 12,
+    "validation_examples_per_task": 16,
 }
 """Sizes of a suite small enough for seconds-long runs and k = 4 demonstrations per prompt
 (the test fixtures and the memory report's measurement use it)."""
@@ -71,6 +82,12 @@ FAMILIES = ("keyword", "topic", "attribute", "nli", "paraphrase", "qa")
 CLASSIFICATION_FAMILIES = ("keyword", "topic", "attribute", "nli", "paraphrase")
 RELATIONS = ("same", "reversed", "shuffled", "disjoint", "one_changed")
 QA_RULES = ("first", "last", "present", "absent", "repeated")
+"""The positional QA rules: training tasks only (a model can learn to read them from the input)."""
+QA_MEMBER_RULE = "member"
+"""The QA rule of test and validation tasks: the answer is the one option in a hidden answer set
+drawn per task; every option also occurs in the input, in random order, so without the
+demonstrations no model does better than chance in expectation."""
+QA_ANSWER_SET_SIZE = 6
 
 # setting -> (families of its training tasks, families of its test tasks); mirrors the real
 # MetaICL settings (docs/data.md). Train and test tasks are disjoint in every setting
@@ -122,12 +139,14 @@ class SynthTask:
     family: str
     """One of FAMILIES."""
     split: str
-    """"train" (a meta-training task) or "test" (a held-out target task)."""
+    """"train" (a meta-training task), "test" (a held-out target task) or "validation" (drawn
+    like the test tasks, for choosing lr and steps)."""
     domain: str
     """"seen" (the main vocabulary) or "unseen" (the held-out vocabulary)."""
     rule: str
-    """What decides the label, e.g. "qa:last", "attribute:3", "nli:same+shuffled|disjoint|...";
-    for keyword/topic the class word sets. No test task shares its rule with a training task."""
+    """What decides the label, e.g. "qa:last", "qa:member:<answer set>", "attribute:3",
+    "nli:same+shuffled|disjoint|..."; for keyword/topic the class word sets. No test or
+    validation task shares its rule with a training task."""
     options: tuple[str, ...] | None
     """The fixed label words of a classification task (in option order); None for multi-choice."""
 
@@ -145,10 +164,13 @@ class SuiteSummary:
     parameters: dict[str, int]
     """Every size the suite was generated with (the keyword arguments)."""
     settings: dict[str, dict[str, tuple[str, ...]]]
-    """setting -> {"train": tasks, "test": tasks, "unseen_domain_test": tasks}."""
+    """setting -> {"train", "test", "unseen_domain_test", "validation"} -> tasks."""
     tasks: dict[str, SynthTask]
     files: tuple[str, ...]
     """Paths relative to out_dir, POSIX style, sorted; the manifest itself is not listed."""
+    tokenizer: str | None = None
+    """The folder of the suite's word-level tokenizer, relative to out_dir (TOKENIZER_DIR);
+    None for a suite written before the suite had one."""
 
     @property
     def train_tasks(self) -> tuple[str, ...]:
@@ -159,13 +181,21 @@ class SuiteSummary:
         return tuple(t.name for t in self.tasks.values() if t.split == "test")
 
     @property
+    def validation_tasks(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks.values() if t.split == "validation")
+
+    @property
     def unseen_domain_tasks(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.tasks.values() if t.domain == "unseen")
+        """The test tasks of the unseen domain."""
+        return tuple(
+            t.name for t in self.tasks.values() if t.split == "test" and t.domain == "unseen"
+        )
 
     def __str__(self) -> str:
         return (
             f"{len(self.train_tasks)} meta-training tasks, {len(self.test_tasks)} test tasks "
-            f"({len(self.unseen_domain_tasks)} of an unseen domain), settings "
+            f"({len(self.unseen_domain_tasks)} of an unseen domain), "
+            f"{len(self.validation_tasks)} validation tasks, settings "
             f"{', '.join(self.settings)}; {len(self.files)} files, seed {self.seed}"
         )
 
@@ -180,6 +210,7 @@ class SuiteSummary:
                 for t in self.tasks.values()
             ],
             "files": list(self.files),
+            "tokenizer": self.tokenizer,
         }
         return json.dumps(record, sort_keys=True, indent=1) + "\n"
 
@@ -204,6 +235,7 @@ def read_suite_summary(out_dir: Path) -> SuiteSummary:
         settings={s: {k: tuple(v) for k, v in d.items()} for s, d in record["settings"].items()},
         tasks=tasks,
         files=tuple(record["files"]),
+        tokenizer=record.get("tokenizer"),
     )
 
 
@@ -434,15 +466,22 @@ def _qa_input(
 
 
 def qa_answer(rule: str, input_text: str, options: Sequence[str]) -> str:
-    """The option that `rule` (one of QA_RULES) selects for an input; raises if not exactly one."""
+    """The option that `rule` selects for an input; raises if not exactly one.
+
+    `rule` is a qa task's rule without its "qa:" prefix: one of QA_RULES, or
+    "member:<answer set, comma-separated>" (QA_MEMBER_RULE)."""
     words = input_text.split()
-    selected = {
-        "first": [o for o in options if words[0] == o],
-        "last": [o for o in options if words[-1] == o],
-        "present": [o for o in options if o in words],
-        "absent": [o for o in options if o not in words],
-        "repeated": [o for o in options if words.count(o) == 2],
-    }[rule]
+    if rule.startswith(f"{QA_MEMBER_RULE}:"):
+        answer_set = set(rule.split(":", 1)[1].split(","))
+        selected = [o for o in options if o in answer_set]
+    else:
+        selected = {
+            "first": [o for o in options if words[0] == o],
+            "last": [o for o in options if words[-1] == o],
+            "present": [o for o in options if o in words],
+            "absent": [o for o in options if o not in words],
+            "repeated": [o for o in options if words.count(o) == 2],
+        }[rule]
     if len(selected) != 1:
         raise ValueError(
             f"rule {rule!r} selects {selected} among {list(options)} for {input_text!r}"
@@ -450,13 +489,43 @@ def qa_answer(rule: str, input_text: str, options: Sequence[str]) -> str:
     return selected[0]
 
 
-def _qa_task(words: Sequence[str], rule: str, num_options: int) -> tuple[str, _Draw]:
+def _qa_task(
+    words: Sequence[str], rule: str, num_options: int, rng: random.Random | None = None
+) -> tuple[str, _Draw]:
+    """A qa task of one of QA_RULES, or of QA_MEMBER_RULE, whose answer set is drawn from `rng`."""
+    if rule == QA_MEMBER_RULE:
+        if rng is None:
+            raise ValueError(f"the {QA_MEMBER_RULE!r} rule draws an answer set: pass rng")
+        return _qa_member_task(rng, words, num_options)
+
     def draw(r: random.Random) -> tuple[str, str, list[str]]:
         options = r.sample(words, num_options)
         answer = r.choice(options)
         return " ".join(_qa_input(r, rule, answer, options, words)), answer, options
 
     return f"qa:{rule}", draw
+
+
+def _qa_member_task(
+    rng: random.Random, words: Sequence[str], num_options: int
+) -> tuple[str, _Draw]:
+    """Each line's options hold exactly one word of the task's hidden answer set: the answer.
+    The input is every option plus 0-2 (3 options: 0-3) other words, shuffled, so the position
+    of the answer is uniform and it occurs in the input like every other option."""
+    answer_set = rng.sample(words, QA_ANSWER_SET_SIZE)
+    outside = [w for w in words if w not in answer_set]
+
+    def draw(r: random.Random) -> tuple[str, str, list[str]]:
+        answer = r.choice(answer_set)
+        options = [answer, *r.sample(outside, num_options - 1)]
+        r.shuffle(options)
+        body = options + _sample_excluding(
+            r, outside, r.randint(0, MAX_QA_INPUT_WORDS - num_options), options
+        )
+        r.shuffle(body)
+        return " ".join(body), answer, options
+
+    return f"qa:{QA_MEMBER_RULE}:" + ",".join(sorted(answer_set)), draw
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +542,7 @@ def _held_out_rules(rng: random.Random) -> dict[str, tuple[list, list]]:
     """family -> (training rules, held-out rules) for the families with a discrete rule space.
 
     About a third of each rule space is held out for test tasks; the choice depends on the seed.
+    QA holds out a rule of its own instead (QA_MEMBER_RULE).
     """
     spaces: dict[str, list] = {
         "attribute": list(range(NUM_ATTRIBUTES)),
@@ -485,6 +555,9 @@ def _held_out_rules(rng: random.Random) -> dict[str, tuple[list, list]]:
         rng.shuffle(space)
         num_held_out = (len(space) + 1) // 3
         split[family] = (space[num_held_out:], space[:num_held_out])
+    # Every positional QA rule is readable from the input alone: they all train, and the test
+    # rule is the member rule (QA_MEMBER_RULE), which no training task uses.
+    split["qa"] = (spaces["qa"], [QA_MEMBER_RULE])
     return split
 
 
@@ -494,25 +567,35 @@ def _plan_tasks(
     num_train_tasks: int,
     num_test_tasks_per_family: int,
     num_unseen_domain_tasks_per_family: int,
+    num_validation_tasks_per_family: int,
 ) -> list[_TaskPlan]:
     rule_split = _held_out_rules(random.Random(f"maml-ds-synth:{seed}:rules"))
-    # (name, family, split, index among the family's tasks of that split)
-    entries: list[tuple[str, str, str, int]] = []
+    # (name, family, split, domain, index into the family's rules of that split)
+    entries: list[tuple[str, str, str, str, int]] = []
     for i in range(num_train_tasks):
         family = FAMILIES[i % len(FAMILIES)]
-        entries.append((f"{family}_{i // len(FAMILIES):02d}", family, "train", i // len(FAMILIES)))
+        index = i // len(FAMILIES)
+        entries.append((f"{family}_{index:02d}", family, "train", "seen", index))
     for family in FAMILIES:
-        test_names = [f"{family}_heldout_{j:02d}" for j in range(num_test_tasks_per_family)]
-        test_names += [
-            f"{family}_unseen_{j:02d}" for j in range(num_unseen_domain_tasks_per_family)
+        held_out = [
+            (f"{family}_heldout_{j:02d}", "test", "seen") for j in range(num_test_tasks_per_family)
         ]
-        entries += [(name, family, "test", j) for j, name in enumerate(test_names)]
+        held_out += [
+            (f"{family}_unseen_{j:02d}", "test", "unseen")
+            for j in range(num_unseen_domain_tasks_per_family)
+        ]
+        # Validation tasks continue the test tasks' walk through the held-out rules.
+        held_out += [
+            (f"synth_val_{family}_{domain}_{j}", "validation", domain)
+            for domain in ("seen", "unseen")
+            for j in range(num_validation_tasks_per_family)
+        ]
+        entries += [(n, family, split, d, j) for j, (n, split, d) in enumerate(held_out)]
 
     plans: list[_TaskPlan] = []
     used_rules: set[str] = set()
-    for name, family, split, index in entries:
+    for name, family, split, domain, index in entries:
         rng = random.Random(f"maml-ds-synth:{seed}:{name}:task")
-        domain = "unseen" if "_unseen_" in name else "seen"
         words = vocab.unseen_words if domain == "unseen" else vocab.seen_words
         label_pool = vocab.train_labels if split == "train" else vocab.heldout_labels
         labels = (
@@ -532,7 +615,7 @@ def _plan_tasks(
             elif family in ("nli", "paraphrase"):
                 rule, draw = _pair_task(words, labels, family, rule_choice)
             else:
-                rule, draw = _qa_task(words, rule_choice, rng.choice(QA_NUM_OPTIONS))
+                rule, draw = _qa_task(words, rule_choice, rng.choice(QA_NUM_OPTIONS), rng)
             if family not in ("keyword", "topic") or rule not in used_rules:
                 break
         else:
@@ -599,6 +682,8 @@ def _validate_sizes(n: dict[str, int]) -> None:
         (n["test_examples_per_task"] >= 1, "test_examples_per_task >= 1"),
         (n["num_test_tasks_per_family"] >= 1, "num_test_tasks_per_family >= 1"),
         (n["num_unseen_domain_tasks_per_family"] >= 0, "num_unseen_domain_tasks_per_family >= 0"),
+        (n["num_validation_tasks_per_family"] >= 0, "num_validation_tasks_per_family >= 0"),
+        (n["validation_examples_per_task"] >= 1, "validation_examples_per_task >= 1"),
         (
             MAX_CLASSES <= n["num_heldout_label_words"] <= n["num_label_words"] - MAX_CLASSES,
             f"{MAX_CLASSES} <= num_heldout_label_words <= num_label_words - {MAX_CLASSES}",
@@ -646,6 +731,33 @@ def _prepare_out_dir(out_dir: Path) -> None:
             folder.rmdir()
 
 
+def _suite_words(vocab: _Vocabulary, files: dict[str, str]) -> list[str]:
+    """SEP and the whole vocabulary (in its order), then every other word of the data files."""
+    words = dict.fromkeys(
+        (SEP, *vocab.seen_words, *vocab.unseen_words, *vocab.train_labels, *vocab.heldout_labels)
+    )
+    found: set[str] = set()
+    for rel, content in files.items():
+        if rel.endswith(".jsonl"):
+            for line in content.splitlines():
+                record = json.loads(line)
+                for text in (record["input"], record["output"], *record["options"]):
+                    found.update(text.split())
+    return [*words, *sorted(found - words.keys())]
+
+
+def _tokenizer_files(words: Sequence[str]) -> dict[str, str]:
+    """TOKENIZER_DIR/... -> content: the saved `word_level_tokenizer(words)`."""
+    from maml_ds.data.word_tokenizer import word_level_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        word_level_tokenizer(words).save_pretrained(tmp)
+        return {
+            f"{TOKENIZER_DIR}/{p.name}": p.read_text(encoding="utf-8")
+            for p in sorted(Path(tmp).iterdir())
+        }
+
+
 def write_synthetic_suite(
     out_dir: Path,
     *,
@@ -661,6 +773,8 @@ def write_synthetic_suite(
     num_unseen_domain_words: int = 64,
     num_label_words: int = 64,
     num_heldout_label_words: int = 24,
+    num_validation_tasks_per_family: int = 2,
+    validation_examples_per_task: int = 48,
 ) -> SuiteSummary:
     """Write the synthetic suite to `out_dir` in the MetaICL format and return what was written.
 
@@ -678,7 +792,10 @@ def write_synthetic_suite(
         num_content_words: made-up words of the main vocabulary.
         num_unseen_domain_words: made-up words of the unseen domain (other syllables).
         num_label_words: made-up label words; the last `num_heldout_label_words` of them label
-            test tasks only.
+            test and validation tasks only.
+        num_validation_tasks_per_family: validation tasks per family and domain (seen, unseen),
+            drawn like the test tasks; each setting lists those of its test families.
+        validation_examples_per_task: lines of a validation task's ``_test.jsonl``.
     """
     sizes = {
         "num_train_tasks": num_train_tasks,
@@ -692,6 +809,8 @@ def write_synthetic_suite(
         "num_unseen_domain_words": num_unseen_domain_words,
         "num_label_words": num_label_words,
         "num_heldout_label_words": num_heldout_label_words,
+        "num_validation_tasks_per_family": num_validation_tasks_per_family,
+        "validation_examples_per_task": validation_examples_per_task,
     }
     _validate_sizes(sizes)
     out_dir = Path(out_dir)
@@ -703,7 +822,12 @@ def write_synthetic_suite(
         num_heldout_label_words,
     )
     plans = _plan_tasks(
-        seed, vocab, num_train_tasks, num_test_tasks_per_family, num_unseen_domain_tasks_per_family
+        seed,
+        vocab,
+        num_train_tasks,
+        num_test_tasks_per_family,
+        num_unseen_domain_tasks_per_family,
+        num_validation_tasks_per_family,
     )
 
     files: dict[str, str] = {}  # relative path -> content
@@ -716,7 +840,8 @@ def write_synthetic_suite(
             )
         else:
             pool = _draw_lines(plan, "pool", seed, test_pool_examples_per_task)
-            test = "".join(_draw_lines(plan, "test", seed, test_examples_per_task))
+            num_test = test_examples_per_task if t.split == "test" else validation_examples_per_task
+            test = "".join(_draw_lines(plan, "test", seed, num_test))
             for demo_seed in TEST_SEEDS:
                 rng = random.Random(f"maml-ds-synth:{seed}:{t.name}:k{k}:seed{demo_seed}")
                 picked = _demonstration_indices(pool, t.options, k, rng)
@@ -744,9 +869,11 @@ def write_synthetic_suite(
             "train": names("train", train_families),
             "test": test,
             "unseen_domain_test": tuple(n for n in test if tasks[n].domain == "unseen"),
+            "validation": names("validation", test_families),
         }
         record = {key: list(value) for key, value in settings[setting].items()}
         files[f"config/{setting}.json"] = json.dumps(record, sort_keys=True) + "\n"
+    files.update(_tokenizer_files(_suite_words(vocab, files)))
 
     _prepare_out_dir(out_dir)
     for rel in sorted(files):
@@ -754,7 +881,9 @@ def write_synthetic_suite(
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8", newline="\n") as f:
             f.write(files[rel])
-    summary = SuiteSummary(out_dir, seed, sizes, settings, tasks, tuple(sorted(files)))
+    summary = SuiteSummary(
+        out_dir, seed, sizes, settings, tasks, tuple(sorted(files)), TOKENIZER_DIR
+    )
     (out_dir / MANIFEST_NAME).write_text(summary.to_json(), encoding="utf-8", newline="\n")
     return summary
 
@@ -772,9 +901,12 @@ def nearest_demonstration_prediction(demonstrations: Sequence[Example], example:
     (ties: the first such demonstration).
 
     Classification (every demonstration has the example's options): that demonstration's label.
-    Multi-choice (options differ per line): the option that stands in the same relation to the
-    input (first word, last word, occurrence count) as that demonstration's answer to its input;
-    failing that, the first option with the same occurrence count; failing that, the first option.
+    Multi-choice (options differ per line): if no demonstration's answer is another one's wrong
+    option (one answer set explains them all, as in the member rule) and an option answered a
+    demonstration, the first such option. Otherwise the option that stands in the same relation
+    to the input (first word, last word, occurrence count) as that demonstration's answer to its
+    input; failing that, the first option with the same occurrence count; failing that, the
+    first option.
     """
     words = example.input.split()
     query = set(words)
@@ -782,6 +914,11 @@ def nearest_demonstration_prediction(demonstrations: Sequence[Example], example:
     nearest = max(demonstrations, key=lambda d: len(query & set(d.input.split())))
     if all(d.options == example.options for d in demonstrations):
         return nearest.output
+    answers = {d.output for d in demonstrations}
+    wrong = {o for d in demonstrations for o in d.options if o != d.output}
+    answered = [o for o in example.options if o in answers]
+    if answered and not answers & wrong:
+        return answered[0]
     target = _qa_signature(nearest.output, nearest.input.split())
     signatures = [_qa_signature(o, words) for o in example.options]
     for same in (lambda s: s == target, lambda s: s[2] == target[2]):
@@ -851,3 +988,62 @@ def reference_by_family(
                     sum(r.chance for r in group) / len(group),
                 )
     return table
+
+
+# --------------------------------------------------------------------------------------------
+# The No-ICL check (docs/synthetic-suite.md): a test task must need its demonstrations.
+
+
+def chance_score(examples: Sequence[Example], *, classification: bool) -> float:
+    """The expected score of choosing uniformly among each example's options.
+
+    Accuracy: the mean of 1/#options. Macro-F1 (`maml_ds.eval.metrics.macro_f1`: the mean over
+    the gold labels of 2 TP / (gold + predicted)) exactly: per gold label, TP and the false
+    positives are independent binomials of its gold count and of the other examples, with
+    probability 1/#options."""
+    if not examples:
+        raise ValueError("no examples to score")
+    if not classification:
+        return sum(1 / len(e.options) for e in examples) / len(examples)
+    p = 1 / len(examples[0].options)
+    gold = Counter(e.output for e in examples)
+
+    def binomial(n: int) -> list[float]:
+        return [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
+
+    total = 0.0
+    for count in gold.values():
+        hits, false_hits = binomial(count), binomial(len(examples) - count)
+        total += sum(
+            ph * pf * 2 * tp / (count + tp + fp)
+            for tp, ph in enumerate(hits)
+            if tp
+            for fp, pf in enumerate(false_hits)
+        )
+    return total / len(gold)
+
+
+def no_icl_problems(
+    scores: Mapping[str, float],
+    data_dir: Path,
+    *,
+    margin: float = 0.15,
+    k: int = 16,
+    seed: int = TEST_SEEDS[0],
+) -> list[str]:
+    """One line per task of `scores` (task -> No-ICL score in [0, 1], the mean over seeds)
+    whose score exceeds its `chance_score` + `margin`: such a task is answerable from its input
+    alone and does not measure in-context learning. The test set is read from `data_dir`
+    (``{task}_{k}_{seed}_test.jsonl``, the same for every seed)."""
+    problems = []
+    for task, score in scores.items():
+        config = load_task_config(task, data_dir)
+        test = load_examples(data_dir, task, k=k, seed=seed, split="test", task_config=config)
+        chance = chance_score(test, classification=config.is_classification)
+        if score > chance + margin:
+            problems.append(
+                f"{task}: No ICL {100 * score:.1f} > chance {100 * chance:.1f} + "
+                f"{100 * margin:.0f}: answerable from its input alone, so it does not measure "
+                "in-context learning (a defect of the task: its input must not reveal the answer)"
+            )
+    return problems

@@ -1,9 +1,10 @@
 """Settings (which tasks meta-train, which evaluate) and per-task label configs.
 
 Both come as the MetaICL JSON files: `config/{setting}.json` with the keys `train`, `test`,
-`unseen_domain_test`, and `config/tasks/{task}.json` with `task_type` and `options`. The original
-MetaICL files ship as package data in `maml_ds/data/metaicl_config/` (verbatim copies); a data
-folder may carry its own `config/` (the synthetic suite writes one), which is looked up first.
+`unseen_domain_test` (and `validation`, which the synthetic suite adds), and
+`config/tasks/{task}.json` with `task_type` and `options`. The original MetaICL files ship as
+package data in `maml_ds/data/metaicl_config/` (verbatim copies); a data folder may carry its own
+`config/` (the synthetic suite writes one), which is looked up first.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = [
 TaskType = Literal["classification", "multi-choice", "free-form"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 
-_SETTING_KEYS = ("train", "test", "unseen_domain_test")
+_SETTING_KEYS = ("train", "test", "unseen_domain_test", "validation")
 _REQUIRED_SETTING_KEYS = ("train", "test")
 
 
@@ -72,6 +73,9 @@ class Setting:
     """Target tasks (data: `{task}_16_{seed}_{train,test}.jsonl` for the 5 seeds)."""
     unseen_domain_test: tuple[str, ...] = ()
     """The subset of target tasks from domains unseen in meta-training (MetaICL's table)."""
+    validation: tuple[str, ...] = ()
+    """Tasks drawn like the target tasks but distinct from them, for choosing lr and steps
+    (data: as target tasks); MetaICL's own settings have none."""
 
     def overlap(self) -> tuple[str, ...]:
         """Tasks that are both meta-training and target tasks, in `test` order.
@@ -84,7 +88,9 @@ class Setting:
 
     def all_tasks(self) -> tuple[str, ...]:
         """Every task named by the setting, without repeats, train tasks first."""
-        return tuple(dict.fromkeys(self.train + self.test + self.unseen_domain_test))
+        return tuple(
+            dict.fromkeys(self.train + self.test + self.unseen_domain_test + self.validation)
+        )
 
 
 def _read_json(text: str, where: str) -> Any:
@@ -126,6 +132,10 @@ def _parse_setting(raw: Any, name: str, where: str) -> Setting:
         lists[key] = tuple(value)
     if "test" in lists and not lists["test"]:
         problems.append("'test' is empty: a setting needs at least one target task")
+    for key in _REQUIRED_SETTING_KEYS:
+        shared = sorted(set(lists.get("validation", ())) & set(lists.get(key, ())))
+        if shared:
+            problems.append(f"'validation' task(s) also in {key!r}: {shared}")
     if problems:
         raise DataError(f"{where}: invalid setting:\n  - " + "\n  - ".join(problems))
     return Setting(
@@ -133,6 +143,7 @@ def _parse_setting(raw: Any, name: str, where: str) -> Setting:
         train=lists["train"],
         test=lists["test"],
         unseen_domain_test=lists.get("unseen_domain_test", ()),
+        validation=lists.get("validation", ()),
     )
 
 

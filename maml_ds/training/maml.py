@@ -32,7 +32,20 @@ from maml_ds.training.zero_layout import PartitionLayout, set_learning_rate_zero
 __all__ = ["MamlStep", "build_task_sampler", "make_loss_fn"]
 
 
-def build_task_sampler(cfg: RunConfig, tasks: dict[str, list[Example]]) -> TaskSampler:
+def build_task_sampler(cfg: RunConfig, tasks: dict[str, list[Example]], tokenizer: Any) -> Any:
+    """MAML's task stream: tasks of the setting's files, or one fresh synthetic task each."""
+    if cfg.data.tasks == "fresh":
+        from maml_ds.data.fresh import FreshTasks, FreshTaskSampler
+
+        return FreshTaskSampler(
+            FreshTasks.from_suite(
+                cfg.data.data_dir,
+                setting=cfg.data.setting,
+                seed=cfg.seed,
+                k=cfg.data.num_demonstrations,
+                copy_share=cfg.data.copy_share,
+            )
+        )
     return TaskSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import defaultdict
@@ -27,7 +28,12 @@ from maml_ds.data.synth import (
     SEP,
     SETTINGS,
     SuiteSummary,
+    _held_out_rules,
+    _make_vocabulary,
+    _partition_rule,
+    chance_score,
     nearest_demonstration_prediction,
+    no_icl_problems,
     no_model_reference_accuracy,
     pair_relation,
     qa_answer,
@@ -35,7 +41,8 @@ from maml_ds.data.synth import (
     reference_by_family,
     write_synthetic_suite,
 )
-from maml_ds.data.tasks import load_setting, load_task_config
+from maml_ds.data.tasks import DataError, load_setting, load_task_config
+from maml_ds.eval.metrics import macro_f1
 
 TINY = dict(
     num_train_tasks=6,
@@ -71,12 +78,13 @@ def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path: Path) -> N
     assert a.files == b.files == c.files
     for rel in (*a.files, MANIFEST_NAME):
         assert (a.out_dir / rel).read_bytes() == (b.out_dir / rel).read_bytes(), rel
-    # Every data file and label list changes with the seed; the settings and QA configs do not.
+    # Every data file, label list and the tokenizer's vocabulary change with the seed; the
+    # settings, QA configs and the tokenizer's config do not.
     for rel in a.files:
         differs = (a.out_dir / rel).read_bytes() != (c.out_dir / rel).read_bytes()
         task = rel.split("/")[-1].split(".")[0]
         seeded = rel.endswith(".jsonl") or (task in a.tasks and a.tasks[task].options is not None)
-        assert differs == seeded, rel
+        assert differs == (seeded or rel == "tokenizer/tokenizer.json"), rel
     assert a.tasks["keyword_00"].options != c.tasks["keyword_00"].options
     # The manifest round-trips; writing over a previous (larger) suite replaces it entirely.
     assert read_suite_summary(a.out_dir) == a
@@ -122,10 +130,12 @@ def test_metaicl_layout(suite: SuiteSummary) -> None:
             for seed in TEST_SEEDS:
                 for split in ("train", "dev", "test"):
                     expected.add(f"{task.name}/{task.name}_16_{seed}_{split}.jsonl")
-    assert set(suite.files) == expected
+    expected |= {f"tokenizer/{name}" for name in ("tokenizer.json", "tokenizer_config.json")}
+    assert set(suite.files) == expected and suite.tokenizer == "tokenizer"
     written = {p.relative_to(suite.out_dir).as_posix() for p in suite.out_dir.rglob("*.json*")}
     assert written == expected | {MANIFEST_NAME}
     assert len(suite.train_tasks) == 36 and len(suite.test_tasks) == 12
+    assert len(suite.validation_tasks) == 24  # 2 per family and domain
     task = suite.test_tasks[0]
     tests = {(suite.out_dir / task / f"{task}_16_{s}_test.jsonl").read_bytes() for s in TEST_SEEDS}
     assert len(tests) == 1  # the test set is the same file for every seed
@@ -136,10 +146,11 @@ def test_every_file_passes_the_reader(suite: SuiteSummary) -> None:
     data_dir = suite.out_dir
     for name, lists in suite.settings.items():
         setting = load_setting(name, data_dir)
-        assert (setting.train, setting.test, setting.unseen_domain_test) == (
+        assert (setting.train, setting.test, setting.unseen_domain_test, setting.validation) == (
             lists["train"],
             lists["test"],
             lists["unseen_domain_test"],
+            lists["validation"],
         )
         assert setting.overlap() == ()
     for task in suite.tasks.values():
@@ -153,7 +164,8 @@ def test_every_file_passes_the_reader(suite: SuiteSummary) -> None:
         for seed in TEST_SEEDS:
             demos, tests = load_target_examples(data_dir, task.name, seed=seed, k=16)
             dev = load_examples(data_dir, task.name, k=16, seed=seed, split="dev")
-            assert (len(demos), len(dev), len(tests)) == (16, 16, 64)
+            num_test = 64 if task.split == "test" else 48  # validation: 48
+            assert (len(demos), len(dev), len(tests)) == (16, 16, num_test)
             if task.options is not None:  # every class is demonstrated
                 assert {d.output for d in demos} == set(task.options)
 
@@ -174,7 +186,7 @@ def test_every_line_follows_its_task_rule(suite: SuiteSummary) -> None:
             elif task.family == "qa":
                 assert 2 <= len(words) <= 6
                 assert (
-                    qa_answer(task.rule.split(":")[1], line["input"], line["options"])
+                    qa_answer(task.rule.split(":", 1)[1], line["input"], line["options"])
                     == (line["output"])
                 )
             else:
@@ -256,3 +268,120 @@ def test_no_model_reference_shows_demonstrations_carry_the_label(suite: SuiteSum
             assert reference.accuracy >= reference.chance + 0.4, (family, domain, reference)
         for family in CLASSIFICATION_FAMILIES:
             assert 0.25 <= table[(family, domain)].chance <= 0.5
+
+
+def test_validation_tasks_are_drawn_like_the_test_tasks(suite: SuiteSummary) -> None:
+    tasks = suite.tasks
+    validation = [tasks[n] for n in suite.validation_tasks]
+    train_labels = {w for n in suite.train_tasks for w in tasks[n].options or ()}
+    train_rules = {tasks[n].rule for n in suite.train_tasks}
+    vocab = _make_vocabulary(random.Random("maml-ds-synth:0:vocabulary"), 192, 64, 64, 24)
+    held_out_labels = set(vocab.heldout_labels)
+    rule_split = _held_out_rules(random.Random("maml-ds-synth:0:rules"))
+    held_out_rules = {family: rules for family, (_, rules) in rule_split.items()}
+    for task in validation:
+        assert task.name == f"synth_val_{task.family}_{task.domain}_{task.name[-1]}"
+        assert task.rule not in train_rules
+        if task.options is not None:  # held-out label words only
+            assert set(task.options) <= held_out_labels and not set(task.options) & train_labels
+        if task.family in ("attribute", "nli", "paraphrase"):
+            assert task.rule in {tasks[n].rule for n in suite.test_tasks} | {
+                (
+                    f"attribute:{r}"
+                    if task.family == "attribute"
+                    else _partition_rule(task.family, r)
+                )
+                for r in held_out_rules[task.family]
+            }
+        if task.family == "qa":
+            assert task.rule.startswith("qa:member:")
+    for name, lists in suite.settings.items():
+        families = {tasks[t].family for t in lists["test"]}
+        assert {tasks[t].family for t in lists["validation"]} == families, name
+        assert {tasks[t].domain for t in lists["validation"]} == {"seen", "unseen"}
+        assert len(lists["validation"]) == 4 * len(families)
+        for other in suite.settings.values():  # never a test or training task of any setting
+            assert not set(lists["validation"]) & (set(other["test"]) | set(other["train"]))
+    # Other instances than the test tasks: no validation line is a test line.
+    lines = _all_lines(suite)
+    test_lines = {json.dumps(x, sort_keys=True) for t in suite.test_tasks for x in lines[t]}
+    assert not test_lines & {
+        json.dumps(x, sort_keys=True) for t in suite.validation_tasks for x in lines[t]
+    }
+
+
+def test_a_setting_refuses_validation_tasks_that_it_tests(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"train": ["a"], "test": ["b"], "validation": ["b", "c"]}))
+    with pytest.raises(DataError, match=r"'validation' task\(s\) also in 'test': \['b'\]"):
+        load_setting(path)
+    path.write_text(json.dumps({"train": ["a"], "test": ["b"]}))
+    assert load_setting(path).validation == ()
+
+
+def test_qa_test_answers_cannot_be_read_from_the_input(suite: SuiteSummary) -> None:
+    """The member rule: every option occurs once in the input, at a uniform position, so a rule
+    of position or count (what the training tasks teach) scores chance without demonstrations."""
+    lines = _all_lines(suite)
+    member = [
+        t for t in (*suite.test_tasks, *suite.validation_tasks) if suite.tasks[t].family == "qa"
+    ]
+    assert len(member) == 6
+    for name in member:
+        answer_set = set(suite.tasks[name].rule.split(":")[2].split(","))
+        first = last = 0
+        for line in lines[name]:
+            words = line["input"].split()
+            assert all(words.count(o) == 1 for o in line["options"])
+            assert [o for o in line["options"] if o in answer_set] == [line["output"]]
+            in_input = [w for w in words if w in line["options"]]
+            first += in_input[0] == line["output"]
+            last += in_input[-1] == line["output"]
+        chance = sum(1 / len(x["options"]) for x in lines[name]) / len(lines[name])
+        for score in (first / len(lines[name]), last / len(lines[name])):
+            assert abs(score - chance) < 0.1, (name, score, chance)
+
+
+def test_reference_solves_the_member_rule() -> None:
+    def ex(text: str, output: str, options: tuple[str, ...]) -> Example:
+        return Example("t", text, output, options)
+
+    demos = [ex("a x y", "a", ("x", "a", "y")), ex("z b w", "b", ("b", "w", "z"))]
+    # An option that answered a demonstration wins over the relational guess ("last word").
+    assert nearest_demonstration_prediction(demos, ex("u v a", "?", ("v", "a", "u"))) == "a"
+    # Not when an answer is another line's wrong option: no answer set explains them; then the
+    # relation of the nearest demonstration ("a x y": the first word) decides.
+    demos.append(ex("a b c", "c", ("a", "b", "c")))
+    assert nearest_demonstration_prediction(demos, ex("u a v", "?", ("v", "a", "u"))) == "u"
+
+
+def test_chance_score_is_the_expected_score_of_a_uniform_guess() -> None:
+    mc = [Example("t", "x", "a", ("a", "b", "c")), Example("t", "x", "b", ("a", "b"))]
+    assert chance_score(mc, classification=False) == pytest.approx((1 / 3 + 1 / 2) / 2)
+    # One gold item of two labels: F1 is 1 when guessed (probability 1/2), else 0.
+    assert chance_score([Example("t", "x", "a", ("a", "b"))], classification=True) == 0.5
+    options = ("p", "q", "r")
+    golds = ["p"] * 9 + ["q"] * 4 + ["r"] * 2
+    examples = [Example("t", "x", g, options) for g in golds]
+    rng = random.Random(0)
+    simulated = [macro_f1([rng.choice(options) for _ in golds], golds) for _ in range(20000)]
+    exact = chance_score(examples, classification=True)
+    assert exact == pytest.approx(sum(simulated) / len(simulated), abs=0.005)
+    assert exact < 1 / 3  # macro-F1 of a guess is below 1/#labels on an imbalanced test set
+
+
+def test_no_icl_problems_names_tasks_answerable_from_their_input(suite: SuiteSummary) -> None:
+    chances = {}
+    for task in suite.test_tasks:
+        test = load_examples(suite.out_dir, task, k=16, seed=100, split="test")
+        classification = suite.tasks[task].options is not None
+        chances[task] = chance_score(test, classification=classification)
+    assert chances["qa_heldout_00"] == 0.25 and 0.3 < chances["nli_heldout_00"] < 0.34
+    assert no_icl_problems({t: c + 0.14 for t, c in chances.items()}, suite.out_dir) == []
+    problems = no_icl_problems({**chances, "qa_heldout_00": 0.62}, suite.out_dir)
+    assert problems == [
+        "qa_heldout_00: No ICL 62.0 > chance 25.0 + 15: answerable from its input alone, so it "
+        "does not measure in-context learning (a defect of the task: its input must not reveal "
+        "the answer)"
+    ]
+    assert len(no_icl_problems(chances, suite.out_dir, margin=-0.01)) == len(chances)
