@@ -58,10 +58,12 @@ from launcher.export_cmd import export_command  # noqa: E402
 from launcher.launch import launch  # noqa: E402
 from launcher.memory_cmd import memory  # noqa: E402
 from launcher.plot_cmd import plot_command  # noqa: E402
+from launcher.pretrain_cmd import pretrain_command  # noqa: E402
 from launcher.study_cmd import study_command  # noqa: E402
 from launcher.train_cmd import train_command  # noqa: E402
 
 app.command("train", cls=SectionedHelp)(train_command)
+app.command("pretrain", cls=SectionedHelp)(pretrain_command)
 app.command("eval", cls=SectionedHelp)(eval_command)
 app.command("adapt", cls=SectionedHelp)(adapt_command)
 app.command("compare", cls=SectionedHelp)(compare_command)

@@ -254,6 +254,8 @@ def _load_target(
         run_dir = loaded.run_dir
         out = Path(run_dir) / "eval" if run_dir is not None else Path("eval") / safe_name(model)
     options = replace(options, variant=variant)
+    if options.separators == "auto" and cfg is not None:
+        options = replace(options, separators=cfg.data.format)  # the run's prompt layout
     label = label or default_label(
         baseline=options.baseline,
         variant=variant,
@@ -310,7 +312,12 @@ OutOpt = Annotated[
 TokOpt = Annotated[str | None, typer.Option(help="tokenizer folder or HF id (override)")]
 BatchOpt = Annotated[int, typer.Option(help="sequences per forward pass")]
 FormatOpt = Annotated[
-    str, typer.Option("--format", help="auto | newlines | spaces (auto: spaces for baselines)")
+    str,
+    typer.Option(
+        "--format",
+        help="auto | newlines | spaces (auto: a run's own --format; else spaces for baselines, "
+        "newlines otherwise)",
+    ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda if available)")]
 LabelOpt = Annotated[str | None, typer.Option(help="row name in tables (default: from the run)")]

@@ -38,6 +38,7 @@ from maml_ds.study import (
     step_argv,
     write_png,
 )
+from maml_ds.study.config import is_synthetic_suite
 from maml_ds.study.report import OVERALL, PART_TITLES
 
 
@@ -52,6 +53,9 @@ def resolve_config(name: str | None, out: Path | None, overrides: dict[str, Any]
     if name is None and not overrides and saved is not None and saved.is_file():
         return _read_plan(saved).config
     cfg = preset_config(name or "cpu")
+    data = overrides.get("data_dir")
+    if data is not None and "tasks" not in overrides and not is_synthetic_suite(data):
+        overrides = {**overrides, "tasks": "files", "copy_share": 0.0}  # real data: its files
     cfg = replace(cfg, out_dir=str(out) if out is not None else cfg.out_dir, **overrides)
     return cfg.validate()
 
@@ -191,6 +195,16 @@ def study_command(
     starting_model: Annotated[
         str | None, typer.Option(help="the model every method starts from and baselines score")
     ] = None,
+    pretrain_steps: Annotated[
+        int | None,
+        typer.Option(help="copy pre-training updates of a built-in starting model (0: none)"),
+    ] = None,
+    prompt_format: Annotated[
+        str | None, typer.Option("--format", help="newlines | spaces: every training and eval")
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="fresh (synthetic tasks per prompt) | files")
+    ] = None,
     parts: Annotated[str | None, typer.Option(help="complete,limited,adapt,ablation")] = None,
     settings: Annotated[str | None, typer.Option(help="settings, comma-separated")] = None,
     methods: Annotated[
@@ -230,6 +244,9 @@ def study_command(
     for key, value in (
         ("data_dir", str(data) if data is not None else None),
         ("starting_model", starting_model),
+        ("pretrain_steps", pretrain_steps),
+        ("prompt_format", prompt_format),
+        ("tasks", tasks),
         ("parts", _csv(parts) if parts is not None else None),
         ("settings", _csv(settings) if settings is not None else None),
         ("methods", _csv(methods) if methods is not None else None),

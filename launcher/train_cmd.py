@@ -73,6 +73,19 @@ def train_command(
     ] = None,
 ) -> None:
     """Meta-train a causal LM (what each rank runs; `maml-ds launch` starts it on clusters)."""
+    cfg, history = run_training_command(flags, config, resume=resume, stop_after=stop_after)
+    if history:
+        last = history[-1]
+        console.print(
+            f"done: {int(last['step'])} updates, last loss {last['loss']:.4f}, "
+            f"run folder {cfg.out_dir}"
+        )
+
+
+def run_training_command(
+    flags: dict[str, Any], config: Path | None, *, resume: bool, stop_after: int | None
+) -> tuple[RunConfig, list[dict[str, float]]]:
+    """The config of `train`'s flags, trained; user errors exit 2, stops 3 or 75."""
     from maml_ds.data.tasks import DataError
     from maml_ds.training import checkpoint
     from maml_ds.training import train as run_training
@@ -80,14 +93,8 @@ def train_command(
 
     try:
         cfg = resume_run_config(config, flags) if resume else build_run_config(config, flags)
-        history = run_training(cfg, resume=resume, stop_after=stop_after)
+        return cfg, run_training(cfg, resume=resume, stop_after=stop_after)
     except RunStopped as err:  # diverged (exit 3) or pre-empted (exit 75): docs/reliability.md
         raise fail(str(err), err.exit_code, error=err) from None
     except (ConfigError, DataError, checkpoint.CheckpointError) as err:
         raise user_error(err) from None
-    if history:
-        last = history[-1]
-        console.print(
-            f"done: {int(last['step'])} updates, last loss {last['loss']:.4f}, "
-            f"run folder {cfg.out_dir}"
-        )

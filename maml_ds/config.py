@@ -23,6 +23,8 @@ from maml_ds.meta.optim import OptimizerName
 Precision = Literal["fp32", "fp16", "bf16"]
 ZERO_STAGES = (0, 1, 2, 3)
 Variant = Literal["direct", "channel"]
+PromptLayout = Literal["newlines", "spaces"]
+TaskSource = Literal["files", "fresh"]
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,7 @@ METHOD_FORMS = (
     "'maml-2k-n' (second-order MAML: k support + k query batches per task, n tasks per "
     "meta-update, e.g. maml-2-1, maml-2-4, maml-4-2)",
     "'fomaml-2k-n' (the first-order variant, e.g. fomaml-2-4)",
+    "'copy' (copy pre-training of a starting model: `maml-ds pretrain`)",
 )
 
 
@@ -53,7 +56,7 @@ class MethodSpec:
 
     name: str
     """The string as given, e.g. ``maml-2-4``."""
-    kind: Literal["metaicl", "maml"]
+    kind: Literal["metaicl", "maml", "copy"]
     num_inner_steps: int = 0
     """k: support batches (= inner steps) and query batches per task."""
     num_tasks: int = 1
@@ -63,14 +66,14 @@ class MethodSpec:
     @property
     def batches_per_update(self) -> int:
         """Batches one optimizer update consumes (MetaICL: 1; MAML-2k-n: 2kn)."""
-        return 1 if self.kind == "metaicl" else 2 * self.num_inner_steps * self.num_tasks
+        return 1 if self.kind != "maml" else 2 * self.num_inner_steps * self.num_tasks
 
 
 def parse_method(text: str) -> MethodSpec:
     """Parse ``metaicl`` / ``maml-2k-n`` / ``fomaml-2k-n``; raise :class:`ConfigError` otherwise."""
     name = text.strip().lower()
-    if name == "metaicl":
-        return MethodSpec(name=name, kind="metaicl")
+    if name in ("metaicl", "copy"):
+        return MethodSpec(name=name, kind=name)
     match = _METHOD_RE.match(name)
     problems: list[str] = []
     if match is None:
@@ -181,6 +184,18 @@ class DataConfig:
     """Limited-data setting (paper 5.1): keep this share of each training task, stratified."""
     max_examples_per_task: int | None = None
     """Cap on meta-training examples read per task (default: all)."""
+    format: PromptLayout = "newlines"
+    """Prompt layout: newlines (MetaICL's separators) or spaces (" "+input " "+output, the
+    Raw-LM layout; with the synthetic suite's word tokenizer nothing stands between an input
+    and its label)."""
+    tasks: TaskSource = "files"
+    """files: the setting's training task files; fresh: a new synthetic task for every prompt
+    (MetaICL) or MAML task, drawn from the suite's training vocabulary and rules, so nothing can
+    be memorised (synthetic suites only; docs/study.md)."""
+    copy_share: float = 0.0
+    """--tasks fresh: share of prompts that are free-form copy prompts (no demonstrations)."""
+    score_demonstrations: bool = False
+    """Score every demonstration's output too (channel: its input), not only the target's."""
 
 
 @dataclass
@@ -255,6 +270,24 @@ class DeepSpeedOptions:
 
 
 @dataclass
+class CopyConfig:
+    """Copy pre-training (--method copy, `maml-ds pretrain`): random token strings after a random
+    prefix, then repeated; the loss scores the repeat after its first token (docs/pretrain.md)."""
+
+    copy_min_length: int = 8
+    """Shortest copied string, in tokens."""
+    copy_max_length: int = 24
+    """Longest copied string, in tokens."""
+    copy_max_prefix: int = 12
+    """Longest random prefix before the string."""
+    copy_position_offset: int = 200
+    """From --copy-offset-from on, every sequence starts at a random position in [0, this]:
+    positions a prompt reaches are trained too."""
+    copy_offset_from: int = 2000
+    """First update with position offsets (0: from the start)."""
+
+
+@dataclass
 class RunConfig:
     """One run: the method, its folder, length and seed, and a section per component."""
 
@@ -273,6 +306,10 @@ class RunConfig:
     """A progress line every N updates when stderr is not a terminal (on one: a live bar)."""
     deterministic: bool = True
     """Deterministic torch algorithms (exact resume and reproducible losses)."""
+    validate_every: int = 0
+    """Score the setting's validation tasks every N updates and at the end (0: never):
+    history.jsonl gets val_score and val_<family>, RUN/best the best-scoring weights after
+    update 0."""
     max_consecutive_skips: int = 10
     """Stop (exit 3, with a checkpoint of the last good weights) after this many updates in a
     row were not applied (non-finite loss or gradient, or an fp16 overflow); 0 never stops."""
@@ -281,6 +318,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    copy: CopyConfig = field(default_factory=CopyConfig)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -291,7 +329,7 @@ class RunConfig:
     def gradient_clipping(self) -> float:
         if self.optim.gradient_clipping is not None:
             return float(self.optim.gradient_clipping)
-        return 1.0 if self.method_spec.kind == "metaicl" else 0.0
+        return 0.0 if self.method_spec.kind == "maml" else 1.0
 
     # ---------------------------------------------------------------- validation
     def problems(self) -> list[str]:
@@ -324,6 +362,24 @@ class RunConfig:
             )
         if not 0.0 < d.train_fraction <= 1.0:
             out.append(f"--train-fraction must be in (0, 1], got {d.train_fraction}")
+        if d.format not in get_args(PromptLayout):
+            out.append(f"--format must be newlines or spaces, got {d.format!r}")
+        if d.tasks not in get_args(TaskSource):
+            out.append(f"--tasks must be files or fresh, got {d.tasks!r}")
+        if not 0.0 <= d.copy_share < 1.0:
+            out.append(f"--copy-share must be in [0, 1), got {d.copy_share}")
+        if d.copy_share and d.tasks != "fresh":
+            out.append("--copy-share needs --tasks fresh (copy prompts are drawn with them)")
+        if self.validate_every < 0:
+            out.append(f"--validate-every must be >= 0, got {self.validate_every}")
+        c = self.copy
+        if not 1 <= c.copy_min_length <= c.copy_max_length:
+            out.append(
+                "need 1 <= --copy-min-length <= --copy-max-length, got "
+                f"{c.copy_min_length} and {c.copy_max_length}"
+            )
+        if c.copy_max_prefix < 0 or c.copy_position_offset < 0 or c.copy_offset_from < 0:
+            out.append("--copy-max-prefix, --copy-position-offset, --copy-offset-from must be >= 0")
         if o.lr <= 0:
             out.append(f"--lr/--outer-lr must be > 0, got {o.lr}")
         if o.weight_decay < 0:

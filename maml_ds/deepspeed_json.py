@@ -25,7 +25,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     spec = cfg.method_spec
     # A MAML meta-update is one engine.backward of the task-mean meta-gradient and one step
     # (the n tasks accumulate in this rank's partition, maml_ds/training/maml.py).
-    gas = ds.gradient_accumulation_steps if spec.kind == "metaicl" else 1
+    gas = ds.gradient_accumulation_steps if spec.kind != "maml" else 1
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": gas,

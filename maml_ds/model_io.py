@@ -199,7 +199,7 @@ def load_model(
         tok = load_tokenizer(tokenizer or path)
         model = build_model(str(path), attn_implementation=attn_implementation)
         loaded = LoadedModel(model, tok, "hf-folder", str(path))
-        if path.name == "final" and _is_run_dir(path.parent):  # RUN/final: keep the run's facts
+        if path.name in ("final", "best") and _is_run_dir(path.parent):  # keep the run's facts
             loaded.run_dir = path.parent
             loaded.run_config = RunConfig.load(path.parent / "config.json")
     elif path.exists():

@@ -272,9 +272,11 @@ def resolve_tokenizer(
     run_dir: str | Path | None,
     data_dir: str | Path | None,
 ) -> PreTrainedTokenizerFast:
-    """The tokenizer for a run: explicit > saved in the run > the model's own > trained here.
+    """The tokenizer for a run: explicit > saved in the run > the model's own > the data
+    folder's own (DATA/tokenizer: the synthetic suite's word-level one) > trained here.
 
-    A tokenizer trained here is saved to ``run_dir/tokenizer`` (when given) for later commands.
+    A tokenizer taken from the data or trained here is saved to ``run_dir/tokenizer`` (when
+    given) for later commands.
     """
     if tokenizer:
         return load_tokenizer(tokenizer)
@@ -292,7 +294,11 @@ def resolve_tokenizer(
                 "--data so a tokenizer can be trained on it"
             ]
         )
-    tok = train_bpe_tokenizer(iter_data_texts(data_dir))
+    own = Path(data_dir) / "tokenizer"
+    if (own / "tokenizer.json").is_file():
+        tok = load_tokenizer(own)
+    else:
+        tok = train_bpe_tokenizer(iter_data_texts(data_dir))
     if saved is not None:
         saved.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(saved)
@@ -308,7 +314,8 @@ def model_config(name: str, *, vocab_size: int | None = None) -> PretrainedConfi
     """The config of a model name, without downloading anything.
 
     A built-in (``tiny``, ``random:gpt2``, ``measure-4x256``...: ``vocab_size`` is the
-    tokenizer's, rounded up to 64, never below the built-in's own), a GPT-2 family id
+    tokenizer's, never below the built-in's own; not rounded up: rows no token uses kept a tiny
+    model from learning to copy, docs/pretrain.md), a GPT-2 family id
     (``gpt2-medium``: its published architecture) or a local folder / config.json.
     """
     path = Path(name)
@@ -331,7 +338,7 @@ def model_config(name: str, *, vocab_size: int | None = None) -> PretrainedConfi
         )
     if arch.vocab_size == 0 and vocab_size is None:
         raise ConfigError([f"model {name!r} needs the tokenizer's vocab size"])
-    return arch.to_config(max(arch.vocab_size, _round_up(vocab_size or 0, 64)))
+    return arch.to_config(max(arch.vocab_size, vocab_size or 0))
 
 
 def model_from_config(
@@ -420,6 +427,3 @@ def _from_pretrained(name: str | Path, attn_implementation: str, dtype: torch.dt
             str(name), attn_implementation=attn_implementation, dtype=dtype
         )
 
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple

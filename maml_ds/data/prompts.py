@@ -123,6 +123,8 @@ class EncodedPrompt:
 
     input_ids: list[int]
     scored_mask: list[bool]
+    position_offset: int = 0
+    """Position id of the first token (copy pre-training trains later positions too)."""
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.scored_mask):
@@ -211,7 +213,16 @@ def encode_example(
 
 def encode_demonstrations(tokenizer: Any, demos: Sequence[Example], fmt: PromptFormat) -> list[int]:
     """The demonstration prefix: every demonstration encoded and concatenated, in order."""
+    return encode_scored_demonstrations(tokenizer, demos, fmt)[0]
+
+
+def encode_scored_demonstrations(
+    tokenizer: Any, demos: Sequence[Example], fmt: PromptFormat
+) -> tuple[list[int], list[bool]]:
+    """The demonstration prefix and, per token, whether it is the piece the method scores
+    (direct: the output piece; channel: the input piece)."""
     ids: list[int] = []
+    scored: list[bool] = []
     for i, demo in enumerate(demos):
         x_ids, y_ids = encode_example(
             tokenizer,
@@ -221,8 +232,10 @@ def encode_demonstrations(tokenizer: Any, demos: Sequence[Example], fmt: PromptF
             is_first=i == 0,
             no_label=has_no_label(demo.options),
         )
-        ids += x_ids + y_ids if fmt.method == "direct" else y_ids + x_ids
-    return ids
+        first, second = (x_ids, y_ids) if fmt.method == "direct" else (y_ids, x_ids)
+        ids += first + second
+        scored += [False] * len(first) + [True] * len(second)
+    return ids, scored
 
 
 def encode_target(
@@ -257,10 +270,12 @@ def join_prompt(
     fmt: PromptFormat,
     *,
     has_demonstrations: bool,
+    prefix_scored: Sequence[bool] | None = None,
 ) -> EncodedPrompt:
     """Prefix + target under the whole-sequence cap; the prefix loses its EARLIEST tokens.
 
     The target is never cut (the per-example cap already keeps it within max_length_per_example).
+    `prefix_scored`: which prefix tokens the loss scores too (default: none).
     """
     if len(target_ids) != len(target_scored):
         raise ValueError(
@@ -275,10 +290,17 @@ def join_prompt(
             f"the target alone has {len(target_ids)} tokens, more than the prompt cap {cap}"
         )
     keep = cap - len(target_ids)
-    prefix = list(prefix_ids[max(0, len(prefix_ids) - keep) :])
+    cut = max(0, len(prefix_ids) - keep)
+    prefix = list(prefix_ids[cut:])
+    if prefix_scored is None:
+        prefix_mask = [False] * len(prefix)
+    else:
+        if len(prefix_scored) != len(prefix_ids):
+            raise ValueError("prefix_scored must have one entry per prefix token")
+        prefix_mask = [bool(s) for s in prefix_scored[cut:]]
     return EncodedPrompt(
         input_ids=prefix + list(target_ids),
-        scored_mask=[False] * len(prefix) + [bool(s) for s in target_scored],
+        scored_mask=prefix_mask + [bool(s) for s in target_scored],
     )
 
 
@@ -291,8 +313,10 @@ def build_prompt(
     *,
     max_output_len: int | None = None,
     no_label: bool = False,
+    score_demonstrations: bool = False,
 ) -> EncodedPrompt:
-    """The full prompt of one target (input, output) after the demonstrations."""
+    """The full prompt of one target (input, output) after the demonstrations;
+    `score_demonstrations`: the demonstrations' scored pieces count in the loss too."""
     has_demonstrations = len(demos) > 0
     target_ids, target_scored = encode_target(
         tokenizer,
@@ -303,22 +327,35 @@ def build_prompt(
         max_output_len=max_output_len,
         no_label=no_label,
     )
+    prefix_ids, prefix_scored = encode_scored_demonstrations(tokenizer, demos, fmt)
     return join_prompt(
-        encode_demonstrations(tokenizer, demos, fmt),
+        prefix_ids,
         target_ids,
         target_scored,
         fmt,
         has_demonstrations=has_demonstrations,
+        prefix_scored=prefix_scored if score_demonstrations else None,
     )
 
 
 def build_training_prompt(
-    tokenizer: Any, demos: Sequence[Example], example: Example, fmt: PromptFormat
+    tokenizer: Any,
+    demos: Sequence[Example],
+    example: Example,
+    fmt: PromptFormat,
+    *,
+    score_demonstrations: bool = False,
 ) -> EncodedPrompt:
     """A meta-training instance: k demonstrations + the example, scored on its gold output
-    (direct) or its input (channel)."""
+    (direct) or its input (channel); with `score_demonstrations` every demonstration's too."""
     return build_prompt(
-        tokenizer, demos, example.input, example.output, fmt, no_label=has_no_label(example.options)
+        tokenizer,
+        demos,
+        example.input,
+        example.output,
+        fmt,
+        no_label=has_no_label(example.options),
+        score_demonstrations=score_demonstrations,
     )
 
 
@@ -392,7 +429,8 @@ def collate(prompts: Sequence[EncodedPrompt], pad_token_id: int) -> dict[str, to
     """Right-pad prompts into a batch.
 
     Returns input_ids [B, T] long, attention_mask [B, T] long (1 = real token), scored_mask
-    [B, T] bool; T = the longest prompt. Padding is never scored.
+    [B, T] bool; T = the longest prompt. Padding is never scored. position_ids [B, T] only when
+    a prompt has a position offset (copy pre-training).
     """
     if not prompts:
         raise ValueError("collate needs at least one prompt")
@@ -405,4 +443,8 @@ def collate(prompts: Sequence[EncodedPrompt], pad_token_id: int) -> dict[str, to
         input_ids[row, :n] = torch.tensor(p.input_ids, dtype=torch.long)
         attention_mask[row, :n] = 1
         scored_mask[row, :n] = torch.tensor(p.scored_mask, dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "scored_mask": scored_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "scored_mask": scored_mask}
+    if any(p.position_offset for p in prompts):
+        offsets = torch.tensor([p.position_offset for p in prompts], dtype=torch.long)
+        batch["position_ids"] = offsets[:, None] + torch.arange(seq_len)[None, :]
+    return batch

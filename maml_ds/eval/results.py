@@ -79,7 +79,7 @@ def _method_label(train_method: str | None) -> str | None:
         spec = parse_method(train_method)
     except ConfigError:
         return None
-    return "MetaICL" if spec.kind == "metaicl" else spec.name.upper()
+    return {"metaicl": "MetaICL", "copy": "Copy pre-trained"}.get(spec.kind, spec.name.upper())
 
 
 def default_label(

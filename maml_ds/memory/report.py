@@ -76,7 +76,7 @@ def paper_bytes(
     """The paper's formula: MetaICL 2*S(theta); MAML (n+2)*S(theta) (the paper's k+2, k = n)."""
     s = facts.s_theta(setup.precision)
     spec = setup.method_spec
-    if spec.kind == "metaicl":
+    if spec.kind != "maml":
         return "2*S(theta)", 2 * s
     n = spec.num_tasks if num_tasks is None else num_tasks
     return f"(k+2)*S(theta), k = n = {n}", (n + 2) * s
@@ -94,6 +94,7 @@ def _phase_label(phases: tuple[Phase, ...]) -> str:
 
 def component_rows(facts: ModelFacts, setup: MemorySetup) -> list[Row]:
     kind = setup.method_spec.kind
+    kind = "metaicl" if kind == "copy" else kind  # the same update on other data
     rows = []
     for c in COMPONENTS:
         size = c.size(facts, setup) if kind in c.methods else 0.0

@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from maml_ds.config import ConfigError, parse_method
+from maml_ds.data.synth import MANIFEST_NAME
 from maml_ds.data.synth import SETTINGS as SYNTHETIC_SETTINGS
 
 __all__ = [
@@ -58,24 +60,30 @@ class Recipe:
     """`--lr`: MetaICL's learning rate, MAML's outer (meta) learning rate."""
     inner_lr: float | None = None
     """`--inner-lr` of MAML's support steps; None for MetaICL."""
+    schedule: str = "linear"
+    """`--schedule` (linear decay to 0, or constant)."""
+    validate_every: int = 0
+    """`--validate-every`: > 0 scores the validation tasks during training, and the study
+    evaluates the best-validating weights (RUN/best) instead of the last (RUN/final)."""
 
 
 _METAICL_PAPER = Recipe(50_000, 1e-5)
 _MAML_PAPER = Recipe(50_000, 1e-5, 1e-5)
 
-# PLACEHOLDERS for "cpu" until the recipe is measured on the validation curve: set them here.
+# cpu: measured on the validation tasks, never the test tasks (docs/icl-research.md, runs
+# E1-E3): the same prompt budget for every method (9,600 prompts at a global batch of 16).
 RECIPES: dict[str, dict[str, Recipe]] = {
     "cpu": {
-        "metaicl": Recipe(600, 1e-4),
-        "maml-2-1": Recipe(300, 1e-4, 1e-4),
-        "maml-2-4": Recipe(100, 1e-4, 1e-4),
-        "fomaml-2-1": Recipe(300, 1e-4, 1e-4),
+        "metaicl": Recipe(600, 3e-4, schedule="constant", validate_every=100),
+        "maml-2-1": Recipe(300, 3e-4, 3e-4, schedule="constant", validate_every=50),
+        "maml-2-4": Recipe(75, 3e-4, 3e-4, schedule="constant", validate_every=15),
+        "fomaml-2-1": Recipe(300, 3e-4, 3e-4, schedule="constant", validate_every=50),
     },
     "quick": {
-        "metaicl": Recipe(4, 1e-4),
-        "maml-2-1": Recipe(2, 1e-4, 1e-4),
-        "maml-2-4": Recipe(1, 1e-4, 1e-4),
-        "fomaml-2-1": Recipe(2, 1e-4, 1e-4),
+        "metaicl": Recipe(4, 1e-4, validate_every=2),
+        "maml-2-1": Recipe(2, 1e-4, 1e-4, validate_every=1),
+        "maml-2-4": Recipe(1, 1e-4, 1e-4, validate_every=1),
+        "fomaml-2-1": Recipe(2, 1e-4, 1e-4, validate_every=1),
     },
     "paper": {  # sec. 4.3: 50k steps, lr 1e-5, alpha = beta = 1e-5
         "metaicl": _METAICL_PAPER,
@@ -131,6 +139,10 @@ ABLATION_ROWS = (
 is marked identical to SGD+SGD there and is not run."""
 
 
+def is_synthetic_suite(data_dir: str) -> bool:
+    return (Path(data_dir).expanduser() / MANIFEST_NAME).is_file()
+
+
 def with_variant(label: str, variant: str) -> str:
     """The "Channel " prefix of channel models' rows (the paper's tables)."""
     return f"Channel {label}" if variant == "channel" else label
@@ -157,6 +169,21 @@ class StudyConfig:
     """The model every method starts from and the baselines score: a folder (HF or run), a
     Hugging Face id, or a built-in random-init config, which the study writes once into
     STUDY/start/model so that every method and baseline sees the same weights."""
+    pretrain_steps: int = 2800
+    """Copy pre-training updates (`maml-ds pretrain` through `launch --method copy`) of a
+    built-in starting model before anything else; 0: the built-in's random init as is."""
+    pretrain_lr: float = 1e-3
+    """`--lr` of the copy pre-training (100 warm-up updates, linear decay)."""
+    pretrain_micro_batch_size: int = 16
+    """`--micro-batch-size` of the copy pre-training (x ranks = its global batch)."""
+    prompt_format: str = "spaces"
+    """`--format` of every training and evaluation (newlines: MetaICL's; spaces)."""
+    tasks: str = "fresh"
+    """`--tasks` of every meta-training: fresh synthetic tasks (unmemorisable), or files."""
+    copy_share: float = 1 / 3
+    """`--copy-share` with fresh tasks: share of copy prompts (keeps the copying skill)."""
+    score_demonstrations: bool = True
+    """`--score-demonstrations`: every demonstration's label is scored too."""
     settings: tuple[str, ...] = ("synthetic",)
     """Meta-training settings (names in the data folder's config/ or MetaICL's)."""
     parts: tuple[str, ...] = ("complete",)
@@ -176,7 +203,7 @@ class StudyConfig:
     """`--seed` of every training (the paper: 100)."""
     train_fraction: float = 0.1
     """`--train-fraction` of the limited part and of the ablation (paper: 10%)."""
-    micro_batch_size: int = 1
+    micro_batch_size: int = 8
     """`--micro-batch-size` (prompts per rank per forward pass; the paper: 1)."""
     save_every: int = 0
     """`--save-every`: checkpoints a killed training resumes from (0: only at the end)."""
@@ -256,6 +283,21 @@ class StudyConfig:
                 out.append(f"{flag} must be >= 1, got {value}")
         if self.adapt_steps < 1:
             out.append(f"adapt steps must be >= 1, got {self.adapt_steps}")
+        if self.prompt_format not in ("newlines", "spaces"):
+            out.append(f"--format must be newlines or spaces, got {self.prompt_format!r}")
+        if self.tasks not in ("files", "fresh"):
+            out.append(f"--tasks must be files or fresh, got {self.tasks!r}")
+        if (
+            self.tasks == "fresh"
+            and self.data_dir is not None
+            and not is_synthetic_suite(self.data_dir)
+        ):
+            out.append(
+                "--tasks fresh draws synthetic tasks: it needs the synthetic suite (no --data); "
+                "pass --tasks files with a data folder"
+            )
+        if self.pretrain_steps < 0:
+            out.append(f"--pretrain-steps must be >= 0, got {self.pretrain_steps}")
         return out
 
     def validate(self) -> StudyConfig:
@@ -277,6 +319,12 @@ def _paper() -> StudyConfig:
         parts=PARTS,
         variants=("direct", "channel"),
         scopes=("all", "unseen"),  # "all" first: the unseen tasks then come from its cache
+        micro_batch_size=1,
+        pretrain_steps=0,
+        prompt_format="newlines",
+        tasks="files",
+        copy_share=0.0,
+        score_demonstrations=False,
         save_every=5000,
         launch_preset="v100-32gb",
         gpus=8,
@@ -294,6 +342,7 @@ PRESETS = {
         scopes=("unseen",),
         eval_seeds=(100, 13),
         gpus=1,
+        pretrain_steps=4,
         recipes=dict(RECIPES["quick"]),
     ),
     "paper": _paper,

@@ -145,6 +145,8 @@ class _Builder:
             return str(Path(name).expanduser().resolve()), ()
         if builtin_arch(name) is None:
             return name, ()  # a Hugging Face id
+        if self.cfg.pretrain_steps:
+            return self.pretrain(name, data, needs)
         run, model = self.out / "start" / "run", self.out / "start" / "model"
         self.add(
             Step(
@@ -168,6 +170,33 @@ class _Builder:
         )
         return str(model), ("start.export",)
 
+    def launch_argv(self, method: str, run: Path) -> list[str]:
+        cfg = self.cfg
+        argv = ["maml-ds", "launch", "--method", method, "--preset", cfg.launch_preset,
+                "--nodes", str(cfg.nodes), "--gpus", str(cfg.gpus), "--master-port",
+                str(cfg.master_port), "--run-dir", str(run)]  # fmt: skip
+        if cfg.hostfile is not None:
+            argv += ["--hostfile", str(Path(cfg.hostfile).expanduser().resolve())]
+        return argv
+
+    def pretrain(self, name: str, data: str, needs: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+        """The starting model: the built-in copy-pre-trained (`maml-ds pretrain`'s recipe,
+        through `launch --method copy`); its RUN/final is what every method starts from."""
+        cfg = self.cfg
+        run = self.out / "start" / "pretrain"
+        argv = (*self.launch_argv("copy", run), "--", "--model", name, "--data", data,
+                "--setting", cfg.settings[0], "--seed", str(cfg.train_seed), "--max-steps",
+                str(cfg.pretrain_steps), "--lr", f"{cfg.pretrain_lr:g}", "--warmup-steps",
+                str(min(100, cfg.pretrain_steps // 10)), "--micro-batch-size",
+                str(cfg.pretrain_micro_batch_size), "--copy-offset-from",
+                str(cfg.pretrain_steps * 5 // 7), "--save-every",
+                str(max(1, cfg.pretrain_steps // 5)))  # fmt: skip
+        self.add(
+            Step("start.pretrain", "train", argv, (str(run / "final" / "maml_ds_export.json"),),
+                 needs, run_dir=str(run))
+        )  # fmt: skip
+        return str(run / "final"), ("start.pretrain",)
+
     # ------------------------------------------------------------------ evaluations
     def eval_dir(self, setting: str, model_slug: str) -> Path:
         return self.out / "eval" / setting / model_slug
@@ -175,8 +204,8 @@ class _Builder:
     def common_eval(self, data: str, setting: str, variant: str) -> tuple[str, ...]:
         cfg = self.cfg
         return ("--data", data, "--setting", setting, "--variant", variant, "--seeds",
-                self.seeds, "--k", str(cfg.k), "--batch-size",
-                str(cfg.eval_batch_size))  # fmt: skip
+                self.seeds, "--k", str(cfg.k), "--batch-size", str(cfg.eval_batch_size),
+                "--format", cfg.prompt_format)  # fmt: skip
 
     def evaluate(
         self,
@@ -242,15 +271,17 @@ class _Builder:
     ) -> Step:
         cfg = self.cfg
         recipe = cfg.recipes[method]
-        launch = ["maml-ds", "launch", "--method", method, "--preset", cfg.launch_preset,
-                  "--nodes", str(cfg.nodes), "--gpus", str(cfg.gpus), "--master-port",
-                  str(cfg.master_port), "--run-dir", str(run)]  # fmt: skip
-        if cfg.hostfile is not None:
-            launch += ["--hostfile", str(Path(cfg.hostfile).expanduser().resolve())]
+        launch = self.launch_argv(method, run)
         train = ["--data", data, "--setting", setting, "--model", start, "--variant", variant,
                  "--k", str(cfg.k), "--seed", str(cfg.train_seed), "--max-steps",
-                 str(recipe.max_steps), "--lr", f"{recipe.lr:g}", "--micro-batch-size",
-                 str(cfg.micro_batch_size), "--save-every", str(cfg.save_every)]  # fmt: skip
+                 str(recipe.max_steps), "--lr", f"{recipe.lr:g}", "--schedule", recipe.schedule,
+                 "--micro-batch-size", str(cfg.micro_batch_size), "--save-every",
+                 str(cfg.save_every), "--format", cfg.prompt_format, "--tasks", cfg.tasks,
+                 "--validate-every", str(recipe.validate_every)]  # fmt: skip
+        if cfg.tasks == "fresh":
+            train += ["--copy-share", f"{cfg.copy_share:g}"]
+        if cfg.score_demonstrations:
+            train += ["--score-demonstrations"]
         spec = parse_method(method)
         if spec.kind == "maml":
             assert recipe.inner_lr is not None, f"recipe of {method} has no inner_lr"
@@ -260,11 +291,16 @@ class _Builder:
         if train_fraction is not None:
             train += ["--train-fraction", f"{train_fraction:g}"]
         argv = (*launch, "--", *train, *extra, *cfg.train_options)
-        step = Step(
-            step_id, "train", argv, (str(run / "final" / "maml_ds_export.json"),), needs,
-            run_dir=str(run),
-        )  # fmt: skip
+        outputs = [str(run / "final" / "maml_ds_export.json")]
+        if recipe.validate_every:
+            outputs.append(str(run / "best" / "maml_ds_export.json"))
+        step = Step(step_id, "train", argv, tuple(outputs), needs, run_dir=str(run))
         return self.add(step)
+
+    def trained_model(self, run: Path, method: str) -> str:
+        """What a training's evaluations score: its best-validating weights when it validated
+        (RUN/best), else its last (the run folder: RUN/final)."""
+        return str(run / "best") if self.cfg.recipes[method].validate_every else str(run)
 
     def methods(self, start: str, data: str, needs: tuple[str, ...]) -> None:
         cfg = self.cfg
@@ -289,20 +325,24 @@ class _Builder:
                         if part in cfg.parts:
                             for scope in cfg.scopes:
                                 self.evaluate(
-                                    f"eval.{key}.{scope}", str(run), out, data=data,
+                                    f"eval.{key}.{scope}", self.trained_model(run, method),
+                                    out, data=data,
                                     setting=setting, variant=variant, scope=scope,
                                     label=label, baseline="none", parts=(part,),
                                     needs=(f"train.{key}",),
                                 )  # fmt: skip
                         if part == "complete" and "adapt" in cfg.parts:
-                            self.adapt(key, run, out, data, setting, variant, label)
+                            self.adapt(
+                                key, self.trained_model(run, method), out, data, setting,
+                                variant, label,
+                            )  # fmt: skip
 
     def adapt(
-        self, key: str, run: Path, out: Path, data: str, setting: str, variant: str, label: str
+        self, key: str, model: str, out: Path, data: str, setting: str, variant: str, label: str
     ) -> None:
         cfg = self.cfg
         name = f"adapt_{setting}_{variant}_lr{cfg.adapt_lr:g}_steps{cfg.adapt_steps}_k{cfg.k}.json"
-        argv = ("maml-ds", "adapt", "--model", str(run), *self.common_eval(data, setting, variant),
+        argv = ("maml-ds", "adapt", "--model", model, *self.common_eval(data, setting, variant),
                 "--lr", f"{cfg.adapt_lr:g}", "--steps", str(cfg.adapt_steps), "--out", str(out),
                 "--label", f"{label} +adapt", *cfg.eval_options)  # fmt: skip
         path = str(out / name)
@@ -323,7 +363,8 @@ class _Builder:
             )  # fmt: skip
             for scope in cfg.scopes:
                 self.evaluate(
-                    f"eval.{key}.{scope}", str(run), self.eval_dir(setting, f"ablation-{slug}"),
+                    f"eval.{key}.{scope}", self.trained_model(run, row.method),
+                    self.eval_dir(setting, f"ablation-{slug}"),
                     data=data, setting=setting, variant="direct", scope=scope, label=row.label,
                     baseline="none", parts=("ablation",), needs=(f"train.{key}",),
                 )  # fmt: skip

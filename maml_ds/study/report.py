@@ -17,6 +17,7 @@ from typing import Any
 from maml_ds.eval.metrics import WinRate, win_rate
 from maml_ds.eval.results import RESULT_FORMAT, paper_order
 from maml_ds.study.plan import Plan, ResultRef
+from maml_ds.training.validation import VALIDATION_FILE
 
 __all__ = [
     "SUMMARY_FILE",
@@ -187,8 +188,51 @@ def gather(plan: Plan) -> StudySummary:
         summary.win_rates[part] = _win_rates(in_part)
         summary.margins += _margins(part, in_part, synthetic)
     summary.families = list(dict.fromkeys(m.family for m in summary.margins if m.family != OVERALL))
-    summary.findings = _findings(summary)
+    summary.findings = _findings(summary) + _over_no_icl(summary) + _no_icl_check(plan, rows)
     return summary
+
+
+def _over_no_icl(summary: StudySummary) -> list[str]:
+    """Each method's average minus No ICL's (same part, variant and columns): what the
+    demonstrations buy after meta-training."""
+    out = []
+    for part in summary.parts():
+        rows = [r for r in summary.rows if r.part == part]
+        no_icl = {(r.ref.variant, r.column): r.spread.average for r in rows
+                  if r.ref.baseline == "no-icl"}  # fmt: skip
+        by_label: dict[str, list[float]] = {}
+        for r in rows:
+            key = (r.ref.variant, r.column)
+            if r.ref.baseline != "no-icl" and key in no_icl:
+                by_label.setdefault(r.ref.label, []).append(r.spread.average - no_icl[key])
+        if by_label:
+            name = PART_TITLES[part].split(" (")[0]
+            margins = ", ".join(f"{label} {_points(statistics.fmean(v))}"
+                                for label, v in by_label.items())  # fmt: skip
+            out.append(f"{name}: over No ICL (points x100, mean over columns): {margins}.")
+    return out
+
+
+def _no_icl_check(plan: Plan, rows: list[ResultRow]) -> list[str]:
+    """The suite's check: a test task whose No-ICL score is well above chance is answerable
+    from its input alone (synthetic suite only)."""
+    if not _is_synthetic(plan):
+        return []
+    from maml_ds.data.synth import no_icl_problems
+    from maml_ds.data.tasks import DataError
+
+    data = plan.config.data_dir
+    folder = Path(data).expanduser() if data is not None else plan.out_dir / "data"
+    scores: dict[str, float] = {}
+    for r in rows:
+        if r.ref.baseline == "no-icl":
+            for task, by_seed in r.per_task.items():
+                scores[task] = statistics.fmean(by_seed.values())
+    try:
+        problems = no_icl_problems(scores, folder)
+    except (DataError, OSError) as err:
+        return [f"suite check (No ICL near chance) not run: {err}"]
+    return [f"suite check: {p}" for p in problems]
 
 
 def _is_synthetic(plan: Plan) -> bool:
@@ -281,24 +325,23 @@ def _findings(summary: StudySummary) -> list[str]:
 
 
 def validation_curves(plan: Plan) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """run name -> `val_*` key -> (updates, values), from each training's history.jsonl."""
+    """run name -> `val_*` key -> (updates, values), from each training's RUN/validation.json
+    (written by --validate-every; it holds update 0, the starting model, too)."""
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for step in plan.steps:
         if step.run_dir is None:
             continue
-        history = Path(step.run_dir) / "history.jsonl"
-        if not history.is_file():
-            continue
+        path = Path(step.run_dir) / VALIDATION_FILE
+        try:
+            points = json.loads(path.read_text(encoding="utf-8"))["curve"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # not validated, or not yet
         curves: dict[str, tuple[list[int], list[float]]] = {}
-        for line in history.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a killed run's last line
-            for key, value in record.items():
+        for point in points:
+            for key, value in point.items():
                 if key.startswith("val_") and isinstance(value, int | float):
                     steps, values = curves.setdefault(key, ([], []))
-                    steps.append(int(record["step"]))
+                    steps.append(int(point["step"]))
                     values.append(float(value))
         if curves:
             out[Path(step.run_dir).name] = curves
@@ -342,10 +385,12 @@ def write_png(summary: StudySummary, plan: Plan, path: Path) -> Path:
     if curves:
         ax = axes[-1, 0]
         for run, by_key in curves.items():
-            for key, (steps, values) in by_key.items():
-                ax.plot(steps, values, label=f"{run} {key}")
+            if "val_score" in by_key:
+                steps, values = by_key["val_score"]
+                ax.plot(steps, values, marker="o", label=run)
         ax.set_xlabel("update")
-        ax.set_title("validation curves (history.jsonl val_*)")
+        ax.set_ylabel("validation score x100")
+        ax.set_title("validation curves (RUN/validation.json; update 0 = the starting model)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()

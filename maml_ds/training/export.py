@@ -71,7 +71,13 @@ def fp32_master_state(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_engine(ctx: TrainContext, path: str | Path, *, dtype: ExportDtype = "fp32") -> Path:
+def export_engine(
+    ctx: TrainContext,
+    path: str | Path,
+    *,
+    dtype: ExportDtype = "fp32",
+    source: str = "engine (end of training)",
+) -> Path:
     """The engine's fp32 master as a Hugging Face folder (called on every rank; rank 0 writes)."""
     path = Path(path)
     state = fp32_master_state(ctx.engine)
@@ -87,7 +93,7 @@ def export_engine(ctx: TrainContext, path: str | Path, *, dtype: ExportDtype = "
         ds = ctx.cfg.deepspeed
         note = {
             "run_dir": str(Path(ctx.out_dir).resolve()),
-            "source": "engine (end of training)",
+            "source": source,
             "step": ctx.state.step,
             "method": ctx.cfg.method,
             "zero_stage": ds.zero_stage,

@@ -30,12 +30,14 @@ from maml_ds.files import write_atomic
 from maml_ds.meta import SharedMomentAdamW
 from maml_ds.models import build_model, resolve_tokenizer
 from maml_ds.training import checkpoint, run_record
+from maml_ds.training.copy import build_copy_stream, copy_step
 from maml_ds.training.export import export_engine
 from maml_ds.training.maml import MamlStep, build_task_sampler
 from maml_ds.training.metaicl import build_prompt_sampler, metaicl_step
 from maml_ds.training.progress import TrainProgress
 from maml_ds.training.state import StepStats, TrainContext, TrainState
 from maml_ds.training.stop import NonFiniteStop, Preempted, PreemptionWatch
+from maml_ds.training.validation import BEST_DIR, ValidationSet, swap_in, write_curve
 from maml_ds.training.zero_layout import write_monitor_events
 
 __all__ = [
@@ -69,7 +71,8 @@ StepFunction = Callable[[TrainContext], StepStats]
 class StepKind:
     """How runs of one method kind train: the sampler of their data and their update."""
 
-    build_sampler: Callable[[RunConfig, dict[str, list[Example]]], Any]
+    build_sampler: Callable[[RunConfig, dict[str, list[Example]], Any], Any]
+    """(config, the setting's training tasks, tokenizer) -> the run's data stream."""
     make_step: Callable[[TrainContext], StepFunction]
     """Built once per context (it may own state, e.g. the MAML engine's partition layout)."""
 
@@ -77,6 +80,7 @@ class StepKind:
 STEPS: dict[str, StepKind] = {
     "metaicl": StepKind(build_prompt_sampler, lambda ctx: metaicl_step),
     "maml": StepKind(build_task_sampler, MamlStep),
+    "copy": StepKind(build_copy_stream, lambda ctx: copy_step),
 }
 
 
@@ -150,7 +154,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
             run_dir=out_dir,
             data_dir=cfg.data.data_dir,
         )
-    tasks = load_training_tasks(cfg)
+    reads_task_files = cfg.method_spec.kind != "copy" and cfg.data.tasks == "files"
+    tasks = load_training_tasks(cfg) if reads_task_files else {}
     model = build_model(
         cfg.model.name,
         vocab_size=len(tokenizer),
@@ -167,11 +172,14 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> TrainContext:
     )
     fmt = PromptFormat(
         method=cfg.data.variant,
+        newlines=cfg.data.format == "newlines",
         max_length_per_example=cfg.data.max_length_per_example,
         max_length=cfg.data.max_length,
     ).for_k(cfg.data.num_demonstrations)
-    sampler = STEPS[cfg.method_spec.kind].build_sampler(cfg, tasks)
+    sampler = STEPS[cfg.method_spec.kind].build_sampler(cfg, tasks, tokenizer)
     ctx = TrainContext(cfg, engine, tokenizer, fmt, sampler, TrainState(), out_dir)
+    if cfg.validate_every:
+        ctx.validation = ValidationSet(cfg, tokenizer, fmt)
     if resume:
         client = checkpoint.load(engine, ckpt_dir, config=cfg.to_dict(), world_size=D.world_size())
         ctx.state = TrainState(**client["train_state"])
@@ -228,6 +236,8 @@ def fit(
         enabled=D.is_main(),
     )
     with progress, PreemptionWatch() as preemption:
+        if ctx.validation is not None and state.step == 0:
+            score_validation(ctx)
         started = time.perf_counter()
         prompts_done = 0
         while state.step < last:
@@ -250,6 +260,9 @@ def fit(
                 "overflow": float(stats.overflow),
             }
             record.update(stats.extra)
+            every = cfg.validate_every
+            if every and (state.step % every == 0 or state.step == cfg.max_steps):
+                record.update(score_validation(ctx))
             history.append(record)
             if D.is_main():
                 with history_file.open("a") as fh:
@@ -304,6 +317,22 @@ def fit(
             soft_wrap=True,
         )
     return history
+
+
+def score_validation(ctx: TrainContext) -> dict[str, float]:
+    """Score the validation tasks now (every rank); a new best after update 0 is exported to
+    RUN/best; RUN/validation.json gets the point (what a killed run wrote later is dropped)."""
+    state = ctx.state
+    scores = ctx.validation.score(ctx.engine.module)
+    if state.step > 0 and (state.best_score is None or scores["val_score"] > state.best_score):
+        state.best_step, state.best_score = state.step, scores["val_score"]
+        staged = ctx.out_dir / f"{BEST_DIR}.staged"
+        export_engine(ctx, staged, source=f"best validation score (update {state.step})")
+        if D.is_main():
+            swap_in(staged, ctx.out_dir / BEST_DIR)
+        D.barrier()
+    write_curve(ctx.out_dir, state.step, scores, state.best_step, state.best_score)
+    return scores
 
 
 def cut_history(path: Path, step: int) -> None:

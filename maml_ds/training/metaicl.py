@@ -10,12 +10,13 @@ x micro-batch 2 (tests/engine/test_metaicl.py).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig
-from maml_ds.data.prompts import collate
+from maml_ds.data.prompts import EncodedPrompt, collate
 from maml_ds.data.reader import Example
 from maml_ds.data.sampler import MetaICLSampler
 from maml_ds.losses import scored_loss_sum
@@ -28,28 +29,52 @@ from maml_ds.training.zero_layout import (
     zero_gradients,
 )
 
-__all__ = ["build_prompt_sampler", "metaicl_step", "scored_token_sum"]
+__all__ = ["build_prompt_sampler", "metaicl_step", "scored_token_sum", "token_mean_update"]
 
 
-def build_prompt_sampler(cfg: RunConfig, tasks: dict[str, list[Example]]) -> MetaICLSampler:
+def build_prompt_sampler(cfg: RunConfig, tasks: dict[str, list[Example]], tokenizer: Any) -> Any:
+    """The prompt stream: the setting's task files, or a fresh synthetic task per prompt."""
+    if cfg.data.tasks == "fresh":
+        from maml_ds.data.fresh import FreshPromptSampler, FreshTasks
+
+        return FreshPromptSampler(
+            FreshTasks.from_suite(
+                cfg.data.data_dir,
+                setting=cfg.data.setting,
+                seed=cfg.seed,
+                k=cfg.data.num_demonstrations,
+                copy_share=cfg.data.copy_share,
+            )
+        )
     return MetaICLSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
 
 
 def scored_token_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over the batch of the cross-entropy of every scored token (a scalar)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    positions = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **positions
+    ).logits
     return scored_loss_sum(logits, batch)[0].sum()
 
 
 def metaicl_step(ctx: TrainContext) -> StepStats:
     """One optimizer update: GAS micro-batches per rank, a global per-token mean loss."""
     ds = ctx.cfg.deepspeed
-    world, rank = D.world_size(), D.rank()
-    micro, gas = ds.micro_batch_size, ds.gradient_accumulation_steps
     # Every rank draws the whole global batch (deterministic) and encodes only what it needs
     # to count the global scored tokens: a normalisation free of communication.
-    prompts = ctx.sampler.take(gas * world * micro)
-    encoded = encode_prompts(ctx, prompts)
+    prompts = ctx.sampler.take(
+        ds.gradient_accumulation_steps * D.world_size() * ds.micro_batch_size
+    )
+    return token_mean_update(ctx, encode_prompts(ctx, prompts))
+
+
+def token_mean_update(ctx: TrainContext, encoded: list[EncodedPrompt]) -> StepStats:
+    """One optimizer update on a global batch of encoded prompts (every rank holds all of them
+    and runs its GAS micro-batches): the loss is the per-token mean over the global batch."""
+    ds = ctx.cfg.deepspeed
+    world, rank = D.world_size(), D.rank()
+    micro, gas = ds.micro_batch_size, ds.gradient_accumulation_steps
     total_scored = sum(num_loss_tokens(p) for p in encoded)
     scale = world * gas / total_scored
     device = D.device()
@@ -79,7 +104,7 @@ def metaicl_step(ctx: TrainContext) -> StepStats:
         restore_optimizer_state(ctx.engine, snapshot)
     return StepStats(
         loss=loss,
-        num_prompts=len(prompts),
+        num_prompts=len(encoded),
         num_batches=gas * world,
         skipped=skipped,
         overflow=not skipped and not ctx.engine.was_step_applied(),

@@ -43,6 +43,10 @@ class TrainState:
     """Updates DeepSpeed itself skipped (fp16 loss-scale overflow; normal early in a run)."""
     consecutive_skips: int = 0
     """Updates not applied in a row up to `step` (skipped or overflow; 0: the last one applied)."""
+    best_step: int = 0
+    """--validate-every: the update after 0 with the best validation score (0: none yet)."""
+    best_score: float | None = None
+    """Its validation score (RUN/best holds its weights)."""
 
 
 @dataclass
@@ -67,11 +71,20 @@ class TrainContext:
     sampler: Any
     state: TrainState
     out_dir: Path
+    validation: Any = None
+    """The validation tasks (training/validation.ValidationSet) with --validate-every."""
 
 
 def encode_prompts(ctx: TrainContext, prompts: list[PromptSpec]) -> list:
+    score_demonstrations = ctx.cfg.data.score_demonstrations
     return [
-        build_training_prompt(ctx.tokenizer, p.demonstrations, p.target, ctx.prompt_format)
+        build_training_prompt(
+            ctx.tokenizer,
+            p.demonstrations,
+            p.target,
+            ctx.prompt_format,
+            score_demonstrations=score_demonstrations,
+        )
         for p in prompts
     ]
 

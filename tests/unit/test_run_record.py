@@ -26,6 +26,7 @@ from maml_ds.training.run_record import (
 def saved_config(run: Path) -> RunConfig:
     cfg = RunConfig(method="metaicl", out_dir=str(run), max_steps=4)
     cfg.data.num_demonstrations = 4
+    cfg.data.tasks = "fresh"  # so that a new --copy-share alone is a valid config
     cfg.deepspeed.zero_stage = 1
     return cfg
 
@@ -43,7 +44,8 @@ def fake_run(run: Path, cfg: RunConfig, *, world_size: int = 1, config_json: boo
     return run
 
 
-# A valid new value for every field (the saved config above: metaicl, ZeRO-1, fp32, k 4).
+# A valid new value for every field (the saved config above: metaicl, ZeRO-1, fp32, k 4,
+# fresh tasks).
 NEW_VALUES = {
     "method": "maml-2-2", "out_dir": None, "max_steps": 8, "seed": 1, "save_every": 1,
     "log_every": 1, "max_consecutive_skips": 3, "deterministic": False,
@@ -52,7 +54,10 @@ NEW_VALUES = {
     "model.dropout": 0.1,
     "data.data_dir": "data/other", "data.setting": "hr_to_lr", "data.variant": "channel",
     "data.num_demonstrations": 8, "data.max_length_per_example": 128, "data.max_length": 512,
-    "data.train_fraction": 0.5, "data.max_examples_per_task": 10,
+    "data.train_fraction": 0.5, "data.max_examples_per_task": 10, "data.format": "spaces",
+    "data.tasks": "files", "data.copy_share": 0.5, "data.score_demonstrations": True,
+    "validate_every": 5, "copy.copy_min_length": 2, "copy.copy_max_length": 30,
+    "copy.copy_max_prefix": 3, "copy.copy_position_offset": 50, "copy.copy_offset_from": 7,
     "optim.lr": 1e-3, "optim.weight_decay": 0.1, "optim.betas": (0.8, 0.9), "optim.eps": 1e-6,
     "optim.warmup_steps": 2, "optim.schedule": "constant", "optim.gradient_clipping": 0.5,
     "meta.inner_lr": 1e-3, "meta.second_order": "exact", "meta.fd_mode": "central",

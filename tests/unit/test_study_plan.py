@@ -105,19 +105,31 @@ def read_plan_round_trip(plan: Plan, tmp_path: Path) -> Plan:
     return back
 
 
-def test_cpu_plan_writes_the_suite_and_the_starting_model_once(tmp_path):
+def test_cpu_plan_writes_the_suite_and_pretrains_the_starting_model_once(tmp_path):
     plan = build_plan(replace(preset_config("cpu"), out_dir=str(tmp_path)).validate())
-    assert [s.id for s in plan.steps[:3]] == ["data", "start.init", "start.export"]
-    start = str(tmp_path / "start" / "model")
-    for step in plan.steps[3:]:
+    assert [s.id for s in plan.steps[:2]] == ["data", "start.pretrain"]
+    pretrain = _args(plan.step("start.pretrain"))
+    assert pretrain["--method"] == "copy" and pretrain["--max-steps"] == "2800"
+    start = str(tmp_path / "start" / "pretrain" / "final")
+    for step in plan.steps[2:]:
         args = _args(step)
         if step.kind == "train":
+            recipe = RECIPES["cpu"][args["--method"]]
             assert args["--model"] == start and args["--gpus"] == "2" and args["--preset"] == "cpu"
-            assert args["--max-steps"] == str(RECIPES["cpu"][args["--method"]].max_steps)
+            assert args["--max-steps"] == str(recipe.max_steps)
+            assert args["--tasks"] == "fresh" and args["--format"] == "spaces"
+            assert args["--validate-every"] == str(recipe.validate_every) != "0"
         elif step.id.startswith("baseline."):
-            assert args["--model"] == start and step.needs == ("data", "start.export")
-        else:
-            assert args["--model"] == plan.step(step.needs[0]).run_dir, step.id
+            assert args["--model"] == start and step.needs == ("data", "start.pretrain")
+            assert args["--format"] == "spaces"
+        else:  # the best-validating weights of its training
+            assert args["--model"] == plan.step(step.needs[0]).run_dir + "/best", step.id
+
+
+def test_plan_without_pretraining_writes_the_random_init_start_once(tmp_path):
+    cfg = replace(preset_config("cpu"), out_dir=str(tmp_path), pretrain_steps=0).validate()
+    plan = build_plan(cfg)
+    assert [s.id for s in plan.steps[:3]] == ["data", "start.init", "start.export"]
     assert plan.step("start.init").argv[-2:] == ("--stop-after", "0")
 
 
@@ -308,11 +320,14 @@ def test_report_spread_margins_per_family_and_plain_findings(tmp_path):
     assert margins["keyword"].per_seed == pytest.approx({100: -0.05, 13: -0.1, 21: -0.05})
     assert margins["nli"].per_seed == pytest.approx({100: 0.0, 13: 0.0, 21: 0.0})
     assert margins["overall"].average == pytest.approx(-0.4 / 9)
-    assert summary.findings == [
+    assert summary.findings[:-1] == [
         "complete data: no meta-trained model beats Raw LM (its starting model); the best, "
         "MetaICL, is -4.44 points (x100) on average.",
         "complete data: no method beats Raw LM on keyword, nli.",
+        "complete data: over No ICL (points x100, mean over columns): Raw LM +26.67, "
+        "MetaICL +22.22.",
     ]
+    assert summary.findings[-1].startswith("suite check (No ICL near chance) not run:")
     assert summary.win_rates["complete"]["Raw LM"]["MetaICL"].wins == 1
     record = summary.to_json(plan)
     assert record["results"][0]["std"] == 0.0 and record["missing"] == []
@@ -326,10 +341,16 @@ def test_report_reads_validation_curves_when_runs_log_them(tmp_path):
     plan = _report_plan(tmp_path, {("Raw LM", "raw-lm"): {"keyword_heldout_00": [0.5, 0.5, 0.5]}})
     run = tmp_path / "runs" / "complete-synthetic-metaicl"
     run.mkdir(parents=True)
-    records = [{"step": 1, "loss": 2.0}, {"step": 5, "loss": 1.0, "val_score": 0.4},
-               {"step": 10, "loss": 0.9, "val_score": 0.5}]  # fmt: skip
-    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"ste')
-    plan.steps.append(Step("train.x", "train", ("maml-ds",), ("x",), run_dir=str(run)))
-    plan.steps.append(Step("train.y", "train", ("maml-ds",), ("y",), run_dir=str(tmp_path / "no")))
-    assert validation_curves(plan) == {run.name: {"val_score": ([5, 10], [0.4, 0.5])}}
+    curve = [{"step": 0, "val_score": 40.0, "val_nli": 30.0}, {"step": 5, "val_score": 45.0}]
+    (run / "validation.json").write_text(json.dumps({"curve": curve, "best_step": 5}))
+    broken = tmp_path / "runs" / "broken"
+    broken.mkdir()
+    (broken / "validation.json").write_text('{"cur')  # a killed write: no curve
+    for name, folder in (("x", run), ("y", tmp_path / "no"), ("z", broken)):
+        plan.steps.append(
+            Step(f"train.{name}", "train", ("maml-ds",), (name,), run_dir=str(folder))
+        )
+    assert validation_curves(plan) == {
+        run.name: {"val_score": ([0, 5], [40.0, 45.0]), "val_nli": ([0], [30.0])}
+    }
     assert write_png(gather(plan), plan, tmp_path / "s.png").is_file()
