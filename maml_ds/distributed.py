@@ -56,10 +56,26 @@ def barrier() -> None:
 
 def shutdown() -> None:
     """Barrier + destroy: without it a ZeRO-3 run once died at exit ("terminate called without
-    an active exception", DeepSpeed 0.19.8, after all work had passed)."""
+    an active exception", DeepSpeed 0.19.8, after all work had passed). Each CPU rank also
+    removes its shared-memory all-reduce buffer, which DeepSpeed never unlinks (66 MB of
+    /dev/shm per rank and run, until the machine runs out of memory)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank has mapped every buffer: the names can go
+        _unlink_cpu_allreduce_buffer()
         dist.destroy_process_group()
+
+
+def _unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU shm all-reduce names its buffer deepspeed_allreduce_buffer_{uid}_{master
+    address}_{master port}_{rank} (deepspeed/ops/csrc/cpu/comm/shm.cpp, 0.19.8)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None or not hasattr(os, "getuid"):
+        return
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass  # not a CPU run, or no shm buffer (one rank)
 
 
 def all_reduce_sum(value: float | torch.Tensor) -> float:

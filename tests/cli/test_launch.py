@@ -620,17 +620,21 @@ import json, sys
 from maml_ds.config import RunConfig
 from maml_ds.training import fit, setup
 from maml_ds import distributed as D
-cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
-ctx = setup(cfg)
-assert ctx.engine.zero_cpu_offload(), "offload_optimizer did not reach the engine"
-print(json.dumps([r["loss"] for r in fit(ctx)]))
+runs = []
+for config in sys.argv[1:]:
+    ctx = setup(RunConfig.from_dict(json.loads(config)))
+    runs.append({"offload": ctx.engine.zero_cpu_offload(), "losses": [r["loss"] for r in fit(ctx)]})
+print(json.dumps(runs))
 D.shutdown()
 """
 
 
 def test_cpu_optimizer_offload_at_zero2_through_train(synth_dir, tmp_path):
     """`train --deepspeed-config` with ZeRO-Offload at ZeRO-2 on CPU: DeepSpeed accepts the
-    client optimizer (with zero_force_ds_cpu_optimizer false) and MAML trains as without it."""
+    client optimizer (with zero_force_ds_cpu_optimizer false) and MAML trains as without it
+    (both runs in one process, from the configs `train`'s flags build)."""
+    from launcher.config_flags import parse_options
+    from launcher.train_cmd import build_run_config, train_command
     from tests.helpers import run as run_command
 
     user = tmp_path / "offload.json"
@@ -642,19 +646,17 @@ def test_cpu_optimizer_offload_at_zero2_through_train(synth_dir, tmp_path):
         "--method", "maml-2-2", "--data", str(synth_dir), "--zero", "2", "--max-steps", "2",
         "--k", "4", "--max-examples-per-task", "40", "--lr", "1e-3", "--inner-lr", "1e-3",
     ]  # fmt: skip
-    maml_ds("train", *common, "--out", tmp_path / "plain", timeout=300)
-    from launcher.config_flags import parse_options
-    from launcher.train_cmd import build_run_config, train_command
-
-    params = parse_options(
-        train_command, "train", [*common, "--out", str(tmp_path / "off"), "--deepspeed-config",
-                                 str(user)],
-    )  # fmt: skip
-    cfg = build_run_config(None, params)
-    assert cfg.deepspeed.config_file == str(user)
-    proc = run_command([sys.executable, "-c", OFFLOAD_CHECK, json.dumps(cfg.to_dict())])
-    offloaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert offloaded == [s["loss"] for s in history(tmp_path / "plain")]
+    configs = []
+    for name, extra in (("plain", []), ("off", ["--deepspeed-config", str(user)])):
+        params = parse_options(train_command, "train", [*common, "--out", str(tmp_path / name),
+                                                        *extra])  # fmt: skip
+        configs.append(build_run_config(None, params))
+    assert configs[1].deepspeed.config_file == str(user)
+    proc = run_command([sys.executable, "-c", OFFLOAD_CHECK,
+                        *(json.dumps(cfg.to_dict()) for cfg in configs)])  # fmt: skip
+    plain, offloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (plain["offload"], offloaded["offload"]) == (False, True)  # reached the engine
+    assert offloaded["losses"] == plain["losses"] and len(plain["losses"]) == 2
 
 
 @pytest.mark.parametrize("record", ["config", "dangling-latest"])
@@ -704,26 +706,22 @@ TRAIN = ["--max-steps", "3", "--max-examples-per-task", "40", "--k", "4"]
 
 @pytest.fixture(scope="module")
 def two_rank_run(synth_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("launch") / "run"
+    """A 2-rank launch into RUN after a dry run there and an edit of RUN/ds_config.json (a CSV
+    monitor where the user wants it): (RUN, the launch, the monitor's folder)."""
+    tmp = tmp_path_factory.mktemp("launch")
+    _, run = dry_run(tmp, "--gpus", "2", "--method", "metaicl", "--preset", "cpu")
+    ds = json.loads((run / "ds_config.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp / "mine"), "job_name": "ed"}
+    (run / "ds_config.json").write_text(json.dumps(ds))
+    port = free_port()
     proc = maml_ds(
-        "launch",
-        "--gpus",
-        "2",
-        "--method",
-        "metaicl",
-        "--preset",
-        "cpu",
-        "--run-dir",
-        run,
-        "--master-port",
-        free_port(),
-        "--",
-        "--data",
-        synth_dir,
-        *TRAIN,
-        timeout=300,
-    )
-    return run, proc
+        "launch", "--gpus", "2", "--method", "metaicl", "--preset", "cpu", "--run-dir", run,
+        "--master-port", port, "--", "--data", synth_dir, *TRAIN, timeout=300,
+    )  # fmt: skip
+    # the ranks removed their shared-memory all-reduce buffers (DeepSpeed leaves them behind)
+    leftover = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leftover, leftover
+    return run, proc, tmp / "mine"
 
 
 def history(run: Path) -> list[dict]:
@@ -731,7 +729,7 @@ def history(run: Path) -> list[dict]:
 
 
 def test_real_launch_two_cpu_ranks(two_rank_run):
-    run, proc = two_rank_run
+    run, proc, _ = two_rank_run
     assert proc.returncode == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step3"
     assert (run / "checkpoints" / "step3").is_dir()
@@ -739,6 +737,18 @@ def test_real_launch_two_cpu_ranks(two_rank_run):
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert [s["num_batches"] for s in steps] == [2, 4, 6]  # 2 ranks x 1 micro-batch
     assert "DS_ACCELERATOR=cpu" in proc.stdout
+
+
+def test_edited_ds_config_reaches_the_ranks(two_rank_run):
+    """Edit RUN/ds_config.json (a CSV monitor where the user wants it), launch into RUN: the
+    rank writes there."""
+    run, _, mine = two_rank_run
+    rows = (mine / "ed" / "Train_loss.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per update
+    losses = [float(row.split(",")[1]) for row in rows[1:]]
+    assert losses == [s["loss"] for s in history(run)]
+    assert not (run / "monitor").exists()  # the built-in path was replaced by the user's
+    assert json.loads((run / "ds_config.json").read_text())["csv_monitor"]["job_name"] == "ed"
 
 
 def test_two_nodes_on_localhost_without_ssh(two_rank_run, synth_dir, tmp_path):
@@ -797,25 +807,6 @@ def test_two_nodes_on_localhost_without_ssh(two_rank_run, synth_dir, tmp_path):
     assert [s["num_batches"] for s in history(run)] == [2, 4, 6]
 
 
-def test_edited_ds_config_reaches_the_ranks(synth_dir, tmp_path):
-    """Edit RUN/ds_config.json (a CSV monitor where the user wants it), launch into RUN: the
-    rank writes there."""
-    _, run = dry_run(tmp_path, "--gpus", "1", "--method", "metaicl", "--preset", "cpu")
-    ds = json.loads((run / "ds_config.json").read_text())
-    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "mine"), "job_name": "ed"}
-    (run / "ds_config.json").write_text(json.dumps(ds))
-    maml_ds(
-        "launch", "--gpus", "1", "--method", "metaicl", "--preset", "cpu", "--run-dir", run,
-        "--master-port", free_port(), "--", "--data", synth_dir, *TRAIN, timeout=300,
-    )  # fmt: skip
-    rows = (tmp_path / "mine" / "ed" / "Train_loss.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3  # header + one row per update
-    losses = [float(row.split(",")[1]) for row in rows[1:]]
-    assert losses == [s["loss"] for s in history(run)]
-    assert not (run / "monitor").exists()  # the built-in path was replaced by the user's
-    assert json.loads((run / "ds_config.json").read_text())["csv_monitor"]["job_name"] == "ed"
-
-
 def _group_members(pgid: int) -> list[str]:
     import psutil
 
@@ -859,12 +850,10 @@ def test_sigterm_reaches_the_ranks(synth_dir, tmp_path, target):
     assert time.monotonic() - started < 60
 
 
-def test_launch_eval_shares_the_pairs_and_leaves_the_run_alone(synth_dir, tokenizer_dir, tmp_path):
+def test_launch_eval_shares_the_pairs_and_leaves_the_run_alone(two_rank_run, tmp_path):
     """`launch --eval`: the same ranks run `maml-ds eval --model RUN ...`; the result equals a
     one-process eval, and the run's record is untouched."""
-    run = tmp_path / "run"
-    common = ["--data", synth_dir, "--setting", "synthetic", "--model", "tiny", "--k", "4"]
-    maml_ds("train", *common, "--tokenizer", tokenizer_dir, "--out", run, "--max-steps", "1")
+    run = two_rank_run[0]
     record = {name: (run / name).read_bytes() for name in ("config.json", "history.jsonl")}
     eval_options = ["--unseen-only", "--seeds", "100", "--k", "16", "--batch-size", "8"]
     maml_ds("eval", "--model", run, *eval_options, "--out", tmp_path / "one")
