@@ -307,9 +307,9 @@ class RunConfig:
     deterministic: bool = True
     """Deterministic torch algorithms (exact resume and reproducible losses)."""
     validate_every: int = 0
-    """Score the setting's validation tasks every N updates and at the end (0: never):
-    history.jsonl gets val_score and val_<family>, RUN/best the best-scoring weights after
-    update 0."""
+    """Score the setting's validation tasks before the first update, every N updates and at
+    the end (0: never): history.jsonl gets val_score and val_<family>, RUN/best the
+    best-scoring weights (the starting ones when no update beats them)."""
     max_consecutive_skips: int = 10
     """Stop (exit 3, with a checkpoint of the last good weights) after this many updates in a
     row were not applied (non-finite loss or gradient, or an fp16 overflow); 0 never stops."""

@@ -320,11 +320,12 @@ def fit(
 
 
 def score_validation(ctx: TrainContext) -> dict[str, float]:
-    """Score the validation tasks now (every rank); a new best after update 0 is exported to
-    RUN/best; RUN/validation.json gets the point (what a killed run wrote later is dropped)."""
+    """Score the validation tasks now (every rank); a new best is exported to RUN/best (update
+    0 included: when no update beats the starting weights, they are the run's best);
+    RUN/validation.json gets the point (what a killed run wrote later is dropped)."""
     state = ctx.state
     scores = ctx.validation.score(ctx.engine.module)
-    if state.step > 0 and (state.best_score is None or scores["val_score"] > state.best_score):
+    if state.best_score is None or scores["val_score"] > state.best_score:
         state.best_step, state.best_score = state.step, scores["val_score"]
         staged = ctx.out_dir / f"{BEST_DIR}.staged"
         export_engine(ctx, staged, source=f"best validation score (update {state.step})")

@@ -44,7 +44,7 @@ class TrainState:
     consecutive_skips: int = 0
     """Updates not applied in a row up to `step` (skipped or overflow; 0: the last one applied)."""
     best_step: int = 0
-    """--validate-every: the update after 0 with the best validation score (0: none yet)."""
+    """--validate-every: the update with the best validation score so far (0: the start)."""
     best_score: float | None = None
     """Its validation score (RUN/best holds its weights)."""
 

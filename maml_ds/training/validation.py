@@ -4,7 +4,8 @@ Validation tasks are drawn like the test tasks but are other tasks (the syntheti
 them; a setting JSON lists them under "validation"), so lr and steps can be chosen on them and
 never on the test tasks. Every rank scores every task (the same forwards, so ZeRO-3's gathers
 match); the score is MetaICL's task score (accuracy or macro-F1) with k demonstrations, averaged
-over `VALIDATION_SEEDS`. The best update after 0 is exported to RUN/best. docs/study.md.
+over `VALIDATION_SEEDS`. The best point, update 0 (the starting weights) included, is
+exported to RUN/best. docs/study.md.
 """
 
 from __future__ import annotations
