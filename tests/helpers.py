@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -14,9 +15,18 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """A free port for a run's master. DeepSpeed's CPU all-reduce never unlinks the 66 MB
+    /dev/shm buffer each rank creates, named after this port: removed when the tests end."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    atexit.register(remove_shm_buffers, port)
+    return port
+
+
+def remove_shm_buffers(port: int) -> None:
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def env() -> dict[str, str]:

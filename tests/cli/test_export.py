@@ -16,6 +16,17 @@ import torch
 TRAIN = ["--model", "tiny", "--k", "4", "--max-examples-per-task", "40", "--lr", "1e-3"]
 
 
+def export(*args, code: int = 0):
+    """`maml-ds export ARGS` in this process (it reads files only: no ranks, no engine)."""
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    result = CliRunner().invoke(app, ["export", *map(str, args)])
+    assert result.exit_code == code, result.output
+    return result
+
+
 def safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -70,30 +81,25 @@ def test_final_is_the_fp32_master_at_zero2_bf16(bf16_run):
 
 
 def test_export_command_at_zero2_bf16_and_dtype(bf16_run, tmp_path):
-    from tests.helpers import maml_ds
-
-    maml_ds("export", bf16_run, tmp_path / "fp32")
+    export(bf16_run, tmp_path / "fp32")
     want = master(bf16_run, "step2")
     assert_bit_equal(safetensors(tmp_path / "fp32"), want)
     assert (tmp_path / "fp32" / "tokenizer.json").is_file()
     note = json.loads((tmp_path / "fp32" / "maml_ds_export.json").read_text())
     assert note["source"] == str((bf16_run / "checkpoints" / "step2").resolve())
-    maml_ds("export", bf16_run / "checkpoints" / "step2", tmp_path / "bf16", "--dtype", "bf16")
+    export(bf16_run / "checkpoints" / "step2", tmp_path / "bf16", "--dtype", "bf16")
     got = safetensors(tmp_path / "bf16")
     assert all(torch.equal(t, want[k].to(torch.bfloat16)) for k, t in got.items())
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_export_refusals(bf16_run, tmp_path):
-    from tests.helpers import maml_ds
-
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    proc = maml_ds("export", bf16_run, tmp_path / "full", check=False)
-    assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr
-    proc = maml_ds("export", bf16_run / "final", tmp_path / "o", check=False)
-    assert proc.returncode == 2
-    assert "not a maml-ds run with checkpoints nor a DeepSpeed checkpoint" in proc.stderr
+    result = export(bf16_run, tmp_path / "full", code=2)
+    assert "already exists and is not empty" in result.stderr
+    result = export(bf16_run / "final", tmp_path / "o", code=2)
+    assert "not a maml-ds run with checkpoints nor a DeepSpeed checkpoint" in result.stderr
 
 
 def test_a_stopped_run_can_be_exported(synth_dir, tmp_path):
@@ -108,7 +114,7 @@ def test_a_stopped_run_can_be_exported(synth_dir, tmp_path):
         "--stop-after", "2", *TRAIN, timeout=300,
     )  # fmt: skip
     assert not (run / "final").exists()
-    maml_ds("export", run, tmp_path / "hf")
+    export(run, tmp_path / "hf")
     module = torch.load(
         run / "checkpoints" / "step2" / "mp_rank_00_model_states.pt", weights_only=False
     )["module"]
@@ -120,13 +126,13 @@ def test_a_stopped_run_can_be_exported(synth_dir, tmp_path):
 def test_zero3_export_gives_the_engines_logits(synth_dir, tmp_path):
     """2 ranks at ZeRO-3: final/ (shards consolidated) gives the engine's logits within 1e-6 and
     equals `maml-ds export` of the checkpoint bit for bit."""
-    from tests.helpers import deepspeed_run, maml_ds
+    from tests.helpers import deepspeed_run
 
     run = tmp_path / "run"
     deepspeed_run(Path(__file__), "worker", synth_dir, run, num_ranks=2, timeout=600)
     result = json.loads((run / "logits.json").read_text())
     assert result["max_abs_diff"] < 1e-6, result
-    maml_ds("export", run, tmp_path / "hf")
+    export(run, tmp_path / "hf")
     assert_bit_equal(safetensors(tmp_path / "hf"), master(run, "step2"))
     final = safetensors(run / "final")
     assert all(torch.equal(t, final[k]) for k, t in safetensors(tmp_path / "hf").items())

@@ -117,9 +117,19 @@ def references(synth_dir, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     return get  # type: ignore[return-value]
 
 
-def test_sigterm_to_the_process_group_stops_every_rank_with_a_checkpoint(
+def saved_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    return int(latest.read_text().removeprefix("step")) if latest.exists() else 0
+
+
+def test_sigterm_sigusr1_and_sigkill_stop_one_run_that_resumes_bit_equal(
     synth_dir, tokenizer_dir, tmp_path, references
 ):
+    """One MetaICL run at ZeRO-2 stopped three times, each start resuming the one before:
+    SIGTERM to the process group of the 2 ranks alone, SIGUSR1 to rank 0 only under the
+    DeepSpeed runner (both: every rank saves and exits with `EXIT_PREEMPTED`), SIGKILL to the
+    runner's group after a periodic checkpoint; the last `--resume` ends bit-equal to the
+    uninterrupted run, each stop's history complete up to its checkpoint."""
     run = tmp_path / "run"
     args = train_args("metaicl-zero2", synth_dir, tokenizer_dir, run)
     ranks = start_ranks(args, tmp_path)
@@ -128,31 +138,38 @@ def test_sigterm_to_the_process_group_stops_every_rank_with_a_checkpoint(
     codes = [p.wait(timeout=120) for p in ranks]
     log = (tmp_path / "rank0.log").read_text()
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], log[-4000:]
-    stopped = int((run / "checkpoints" / "latest").read_text().removeprefix("step"))
+    stopped = saved_step(run)
     assert f"SIGTERM received: stopped after update {stopped} with checkpoint step{stopped}" in (
         " ".join(log.split())
     )
     assert [r["step"] for r in history(run)] == list(range(1, stopped + 1))
-    assert_resumes_exactly(run, references("metaicl-zero2"), args, tmp_path / "resume.log")
 
-
-def test_sigusr1_to_rank_0_only_stops_every_rank_under_the_deepspeed_runner(
-    synth_dir, tokenizer_dir, tmp_path, references
-):
-    run = tmp_path / "run"
-    args = train_args("metaicl-zero2", synth_dir, tokenizer_dir, run)
-    runner = start_with_runner(args, tmp_path / "run.log")
+    runner = start_with_runner([*args, "--resume"], tmp_path / "sigusr1.log")
     ranks = rank_processes(runner)
-    wait_for(lambda: len(history(run)) >= 2, [runner])
+    wait_for(lambda: len(history(run)) >= stopped + 2, [runner])
     ranks[0].send_signal(signal.SIGUSR1)
-    assert runner.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "run.log").read_text()[-4000:]
+    code = runner.wait(timeout=120)
+    log = (tmp_path / "sigusr1.log").read_text()
+    assert code == EXIT_PREEMPTED, log[-4000:]
     gone, alive = psutil.wait_procs(ranks, timeout=30)
     assert alive == []  # no rank left running
-    assert "SIGUSR1 received: stopped after update" in (tmp_path / "run.log").read_text()
+    assert "SIGUSR1 received: stopped after update" in log
+    stopped = saved_step(run)
+    assert [r["step"] for r in history(run)] == list(range(1, stopped + 1))
+
+    runner = start_with_runner([*args, "--resume"], tmp_path / "sigkill.log")
+    # killed after a periodic checkpoint, typically with records of later updates in
+    # history.jsonl: those are dropped on resume and written again
+    wait_for(lambda: saved_step(run) > stopped and len(history(run)) > saved_step(run), [runner])
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait(timeout=60)
+    saved = saved_step(run)
+    assert saved % 4 == 0 and len(history(run)) >= saved
     assert_resumes_exactly(run, references("metaicl-zero2"), args, tmp_path / "resume.log")
 
 
-@pytest.mark.parametrize("config", list(RUNS))
+# MetaICL at ZeRO-2 is killed (and resumed) in the test above
+@pytest.mark.parametrize("config", [c for c in RUNS if c.startswith("maml")])
 def test_sigkill_then_resume_is_bit_equal_with_a_complete_history(
     synth_dir, tokenizer_dir, tmp_path, references, config
 ):
