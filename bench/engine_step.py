@@ -188,9 +188,9 @@ def install_split(split: Split) -> None:
     split.wrap(G, "_grads", "backward (model + gather)")
     split.wrap(torch.autograd, "backward", "backward (model + gather)")
     split.wrap(G, "inner_step", "inner AdamW step")
-    split.wrap(G, "inner_precondition", "FD vectors (D, w, axpy)")
+    split.wrap(G, "preconditioned_direction", "FD vectors (D, w, axpy)")
     split.wrap(G, "_axpy", "FD vectors (D, w, axpy)")
-    split.wrap(G, "reverse_step", "FD vectors (D, w, axpy)")
+    split.wrap(G, "_adjoint_update", "FD vectors (D, w, axpy)")
 
 
 def wrap_engine(ctx, split: Split) -> None:

@@ -1,8 +1,10 @@
 """Wall time per processed batch of each meta-gradient mode, relative to a plain MetaICL step.
 
 MetaICL step: forward + backward + SharedMomentAdamW step on one batch. MAML-2k-1 step:
-`meta_gradient` on k support + k query batches (AdamW inner steps on the shared moments), moments
-written back, outer step; it processes 2k batches. The ratio printed is
+`meta_gradient` on k support + k query batches (AdamW inner steps on the shared moments;
+hvp-fd keeps g_S(theta_0) from the forward pass, as the engine does: --keep-support-gradients),
+moments written back,
+outer step; it processes 2k batches. The ratio printed is
 
     (median seconds per MAML step / 2k) / (median seconds per MetaICL step)
 
@@ -12,6 +14,7 @@ measured in one run on the same batches, methods interleaved within each repeat.
     python bench/meta_step.py --size larger     # 6 x 256 GPT-2
     python bench/meta_step.py --threads 2 --k 2
     python bench/meta_step.py --memory          # peak live tensor bytes vs k, per mode
+    python bench/meta_step.py --k 4 --keep-support-gradients 3   # no replay pass at all
 
 Not a test: targets (first-order <= 1.05x, hvp-fd one-sided <= 1.6x) are reported, not asserted.
 """
@@ -76,6 +79,7 @@ def maml_step(
     second_order: str,
     fd_mode: str,
     inner_lr: float,
+    keep: int,
 ) -> Callable[[], None]:
     named = dict(model.named_parameters())
 
@@ -86,7 +90,7 @@ def maml_step(
         kwargs: dict[str, Any] = opt.inner_kwargs(named)
         result = meta_gradient(
             loss_fn, named, support, query, inner_lr=inner_lr, second_order=second_order,  # type: ignore[arg-type]
-            fd_mode=fd_mode, **kwargs,  # type: ignore[arg-type]
+            fd_mode=fd_mode, keep_support_gradients=keep, **kwargs,  # type: ignore[arg-type]
         )  # fmt: skip
         opt.load_inner_state(named, result.adam_state)
         for name, p in named.items():
@@ -125,7 +129,7 @@ def time_modes(args: argparse.Namespace, device: torch.device) -> None:
         opt = SharedMomentAdamW(model.parameters(), lr=1e-5)
         steps[label] = maml_step(
             model, opt, batches[: args.k], batches[args.k :], second_order=second_order,
-            fd_mode=fd_mode, inner_lr=args.inner_lr,
+            fd_mode=fd_mode, inner_lr=args.inner_lr, keep=args.keep_support_gradients,
         )  # fmt: skip
 
     for step in steps.values():
@@ -216,6 +220,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--inner-lr", type=float, default=1e-4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--keep-support-gradients",
+        type=int,
+        default=1,
+        help="hvp-fd, k >= 2: support gradients kept from the forward pass for the reverse pass "
+        "(meta_gradient's keep_support_gradients; 1 = g_S(theta_0), as the engine; k - 1: no "
+        "replay pass; 0: every one recomputed)",
+    )
     parser.add_argument(
         "--memory", action="store_true", help="print peak live tensor bytes vs k instead of times"
     )

@@ -57,6 +57,11 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 "stage3_prefetch_bucket_size": ds.reduce_bucket_size,
             }
         )
+        if spec.kind == "maml":  # the sharded path: release each layer after use, or DeepSpeed
+            # keeps gathered layers alive through every pass (docs/memory.md, "The sharded path")
+            config["zero_optimization"].update(
+                {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 0}
+            )
         config["zero_optimization"].pop("allgather_bucket_size")
     if ds.precision == "fp16":
         config["fp16"] = {

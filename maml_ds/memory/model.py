@@ -311,8 +311,16 @@ def _mean_phase(setup: MemorySetup) -> PhaseSpec:
 
 def _moment_snapshot(facts: ModelFacts, setup: MemorySetup) -> float:
     # snapshot_moments clones every live moment tensor of this rank: the partition's m and v at
-    # ZeRO 1-3, every parameter's m and v at ZeRO-0 (nothing partitioned there).
+    # ZeRO 1-3, every parameter's m and v at ZeRO-0 (nothing partitioned there). The sharded
+    # path keeps it in host memory (pinned CPU tensors): nothing on the GPU.
+    if sharded_path(setup):
+        return 0.0
     return _per_param(lambda s: 8.0, partitioned_from=1)(facts, setup)
+
+
+def _replays(setup: MemorySetup) -> bool:
+    """hvp-fd with k >= 2: the reverse pass replays inner steps from theta_0."""
+    return setup.effective_second_order == "hvp-fd" and setup.method_spec.num_inner_steps >= 2
 
 
 def _accumulator_phase(setup: MemorySetup) -> PhaseSpec:
@@ -330,7 +338,11 @@ def _partition_copies(facts: ModelFacts, setup: MemorySetup) -> float:
 
 def _inner_state(facts: ModelFacts, setup: MemorySetup) -> float:
     # The AdamW moments after the inner steps (m, v of the partition, new tensors), alive until
-    # they are written back into the shared state at the end of the task.
+    # they are written back into the shared state at the end of the task. The sharded path steps
+    # the shared moments in place: nothing, except for the replays (k >= 2) a copy of the
+    # moments the task started from.
+    if sharded_path(setup) and not _replays(setup):
+        return 0.0
     return 2 * _partition(facts, setup)
 
 
@@ -358,15 +370,17 @@ def _moment_gather(facts: ModelFacts, setup: MemorySetup) -> float:
 
 
 def _hvp_vectors(facts: ModelFacts, setup: MemorySetup) -> float:
-    # hvp-fd, one-sided: g_S(theta_j), u, D_j and w = D_j u, fp32 partitions (the engine copies
-    # the partition's gradient out of the full-size flat gradient). Reverse steps j < k-1 also
-    # hold the AdamW state after step j (new at j = 0, replayed in place for j >= 1) while
-    # theta_0 needs no copy: one more partition for k = 2, two for k >= 3; for k >= 2 also
-    # g_S(theta_0), kept from the forward pass for the replays and the last reverse step.
+    # hvp-fd, one-sided: g_S(theta_j) and u, fp32 partitions (the engine copies the partition's
+    # gradient out of the full-size flat gradient); w = D_j u is made in D_j's storage and the
+    # FD point theta_j + eps w in w's (the adapted-copy row). For k >= 2 also g_S(theta_0), kept
+    # from the forward pass for the replays and the last reverse step; for k >= 3 the replays
+    # hold theta_j and its AdamW state (new at step 0) beside it. Measured (measure-4x256):
+    # gather path k = 1, 2, >= 3: 2, 3, 4 partitions (2, 3, 3.4 fewer measured than before
+    # issue 11, when D_j and w had storages of their own); sharded path 2, 3 (0.5 over), 4.
     if setup.effective_second_order != "hvp-fd":
         return 0.0
     k = setup.method_spec.num_inner_steps
-    return (4 if k == 1 else 6 if k == 2 else 7) * _partition(facts, setup)
+    return (2 if k == 1 else 3 if k == 2 else 4) * _partition(facts, setup)
 
 
 def _gathered_parameters(facts: ModelFacts, setup: MemorySetup) -> float:
@@ -443,7 +457,8 @@ COMPONENTS: tuple[Component, ...] = (
         "moment_snapshot", "moment snapshot", UPDATE_PHASES,
         _moment_snapshot,
         "copies of this rank's live moments taken once per meta-update, restored if the update "
-        "is skipped: the partition's m, v at ZeRO 1-3 (8P/W), every m, v at ZeRO-0 (8P)",
+        "is skipped: the partition's m, v at ZeRO 1-3 (8P/W), every m, v at ZeRO-0 (8P); the "
+        "sharded path keeps it in host memory (0 here)",
         methods=("maml",),
     ),
     Component(
@@ -464,7 +479,8 @@ COMPONENTS: tuple[Component, ...] = (
         (*TASK_PHASES, "moment write-back"),
         _inner_state,
         "m, v of the partition after the k inner steps (new fp32 tensors, written back into the "
-        "shared state at the end of the task)",
+        "shared state at the end of the task); sharded path: the shared moments are stepped in "
+        "place, and for hvp-fd with k >= 2 this is the copy the replays start from",
         methods=("maml",),
     ),
     Component(
@@ -475,10 +491,11 @@ COMPONENTS: tuple[Component, ...] = (
         methods=("maml",),
     ),
     Component(
-        "hvp_vectors", "hvp-fd vectors g_S, u, D, D*u", LOSS_PHASES,
+        "hvp_vectors", "hvp-fd vectors g_S, u", LOSS_PHASES,
         _hvp_vectors,
-        "one-sided finite differences: g_S(theta_j), u, D_j, D_j u, fp32 partitions (4 x "
-        "4P/W; k = 2: 6, k >= 3: 7 with the replayed AdamW state and the kept g_S(theta_0))",
+        "one-sided finite differences: g_S(theta_j) and u, fp32 partitions (2 x 4P/W; D_j u is "
+        "made in D_j's storage, the FD point in D_j u's); k = 2: 3 with the kept "
+        "g_S(theta_0), k >= 3: 4 with the replays' theta_j and AdamW state",
         methods=("maml",),
     ),
     Component(

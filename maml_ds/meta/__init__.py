@@ -3,12 +3,15 @@
 - `meta_gradient`: the meta-gradient of one task, in `exact`, `hvp`, `hvp-fd` or `first-order`
   mode, with SGD or AdamW inner steps.
 - Building blocks for callers that cannot run it in one piece (the DeepSpeed engine under ZeRO-3):
-  `InnerStepConfig`, `inner_step`, `inner_precondition`, `reverse_step`, `support_gradient`,
+  `InnerStepConfig`, `inner_step`, `inner_precondition`, `preconditioned_direction`,
+  `reverse_step`, `support_gradient`,
   `query_gradient`, `finite_difference_hvp`, `fd_epsilon`, `default_fd_scale`,
   `RngSnapshot` (same dropout masks when a support loss is evaluated again).
 - `SharedMomentAdamW`: the optimizer whose AdamW moments the inner and outer steps share.
 - `SecondOrder`, `FdMode`, `OptimizerName`: the mode and optimizer names (RunConfig uses them).
-- `LiveTensorBytes`: exact live-tensor memory accounting (peak) on any device.
+- `LiveTensorBytes`: exact live-tensor memory accounting (peak) on any device; `host_side`
+  marks what a GPU run keeps in host memory.
+- `inner_update_kept`: what share of an inner step survives rounding into a 16-bit forward.
 """
 
 from maml_ds.meta.gradient import (
@@ -28,11 +31,12 @@ from maml_ds.meta.gradient import (
     inner_step,
     meta_gradient,
     new_adamw_state,
+    preconditioned_direction,
     query_gradient,
     reverse_step,
     support_gradient,
 )
-from maml_ds.meta.live_bytes import LiveTensorBytes
+from maml_ds.meta.live_bytes import LiveTensorBytes, host_side
 from maml_ds.meta.optim import (
     OPTIMIZER_NAMES,
     AdamWMoments,
@@ -43,6 +47,7 @@ from maml_ds.meta.optim import (
     adamw_update,
     sgd_update,
 )
+from maml_ds.meta.precision import UpdateRounding, inner_update_kept
 
 __all__ = [
     "FD_MODES",
@@ -59,6 +64,7 @@ __all__ = [
     "SecondOrder",
     "SharedMomentAdamW",
     "SupportGradient",
+    "UpdateRounding",
     "adamw_moments",
     "adamw_precondition",
     "adamw_update",
@@ -69,6 +75,9 @@ __all__ = [
     "inner_step",
     "meta_gradient",
     "new_adamw_state",
+    "host_side",
+    "inner_update_kept",
+    "preconditioned_direction",
     "query_gradient",
     "reverse_step",
     "sgd_update",

@@ -266,6 +266,17 @@ def new_adamw_state(params: Params) -> AdamWState:
     return {name: new_adamw_moments(p) for name, p in params.items()}
 
 
+def _cloned_state(state: AdamWState | None) -> AdamWState | None:
+    if state is None:
+        return None
+    return {
+        name: AdamWMoments(
+            step=s["step"].clone(), exp_avg=s["exp_avg"].clone(), exp_avg_sq=s["exp_avg_sq"].clone()
+        )
+        for name, s in state.items()
+    }
+
+
 def _detach_state(state: Mapping[str, AdamWMoments] | None) -> AdamWState | None:
     if state is None:
         return None
@@ -346,6 +357,36 @@ def inner_precondition(
     }
 
 
+def preconditioned_direction(
+    u: Params, state: Mapping[str, AdamWMoments] | None, config: InnerStepConfig
+) -> dict[str, Tensor]:
+    """w = D_j u from the AdamW state *after* inner step j, each tensor computed in its D_j's
+    own storage (D_j is never held whole: one parameter-sized vector fewer than
+    `inner_precondition` then a product); u itself (no copy) for SGD. Bit-equal to D_j * u."""
+    if config.optimizer == "sgd":
+        return dict(u)
+    assert state is not None, "AdamW preconditioner needs the state after the step"
+    return {
+        name: adamw_precondition(
+            s["exp_avg_sq"], s["step"], betas=config.betas, eps=config.eps
+        ).mul_(u[name])
+        for name, s in state.items()
+    }
+
+
+def _adjoint_update(
+    u: Params, hw: dict[str, Tensor], config: InnerStepConfig, *, into_hw: bool = False
+) -> dict[str, Tensor]:
+    """(1 - alpha*lambda) u - alpha * hw; `into_hw` writes it into hw's storage (a finite
+    difference's own tensors; autograd may hand one gradient tensor to several inputs)."""
+    out = {}
+    for name, u_n in u.items():
+        decay = 1 - config.lr * config.weight_decay_of(name)
+        base = u_n if decay == 1 else u_n * decay
+        out[name] = torch.add(base, hw[name], alpha=-config.lr, out=hw[name] if into_hw else None)
+    return out
+
+
 def reverse_step(
     u: Params,
     hvp_fn: HvpFn,
@@ -365,13 +406,7 @@ def reverse_step(
         the adjoint at theta_j; after j = 0, the meta-gradient.
     """
     w = dict(u) if precond is None else {name: precond[name] * u[name] for name in u}
-    hw = hvp_fn(w)
-    out = {}
-    for name, u_n in u.items():
-        decay = 1 - config.lr * config.weight_decay_of(name)
-        base = u_n if decay == 1 else u_n * decay
-        out[name] = torch.add(base, hw[name], alpha=-config.lr)
-    return out
+    return _adjoint_update(u, hvp_fn(w), config)
 
 
 def support_gradient(
@@ -464,6 +499,7 @@ def finite_difference_hvp(
     grad_at_params: Params | None = None,
     eps: float | None = None,
     norm_fn: NormFn | None = None,
+    overwrite_direction: bool = False,
 ) -> dict[str, Tensor]:
     """H(theta) w by finite differences of gradients (ordinary forward/backward passes only).
 
@@ -479,6 +515,8 @@ def finite_difference_hvp(
             the params' dtype, or of the autocast dtype when called under autocast.
         grad_at_params: g(theta) if already computed (one-sided reuses it, else computes it).
         eps: the step itself, overriding fd_scale (e.g. from all-reduced norms).
+        overwrite_direction: one-sided: build theta + eps w in w's own storage (w is not read
+            again; pass a direction nothing else holds). One parameter-sized vector fewer.
     """
     if fd_mode not in FD_MODES:
         raise ValueError(f"fd_mode must be one of {FD_MODES}, got {fd_mode!r}")
@@ -488,7 +526,12 @@ def finite_difference_hvp(
         eps = fd_epsilon(norm(params), norm(direction), r)
     if eps == 0:
         return {name: torch.zeros_like(w) for name, w in direction.items()}
-    plus = grad_fn(_axpy(params, direction, eps))
+    if overwrite_direction and fd_mode == "one-sided":
+        point = {n: torch.add(params[n], w, alpha=eps, out=w) for n, w in direction.items()}
+        del direction
+        plus = grad_fn(point)
+    else:
+        plus = grad_fn(_axpy(params, direction, eps))
     if fd_mode == "one-sided":
         base = grad_fn(dict(params)) if grad_at_params is None else grad_at_params
         return {name: plus[name].sub_(base[name]).div_(eps) for name in plus}
@@ -515,12 +558,14 @@ def meta_gradient(
     fd_mode: FdMode = "one-sided",
     fd_scale: float | None = None,
     norm_fn: NormFn | None = None,
-    keep_first_support_gradient: bool = False,
+    keep_support_gradients: int = 0,
+    moments_in_place: bool = False,
 ) -> MetaGradient:
     """Meta-gradient of one task: d L_Q(theta_k(theta)) / d theta after k inner steps.
 
     theta_0 = params; theta_(j+1) = inner step on support[j] (loss at theta_j); L_Q = mean of the
-    query losses at theta_k. Inputs are never modified; `params` need not require grad.
+    query losses at theta_k. Inputs are never modified (but `adam_state` with `moments_in_place`);
+    `params` need not require grad.
 
     Args:
         loss_fn: loss_fn(params, batch) -> scalar loss, with `params` a dict of the same keys
@@ -540,8 +585,9 @@ def meta_gradient(
                 with any attention kernel); see `fd_mode`, `fd_scale`.
             "first-order": grad L_Q(theta_k) (FOMAML).
         adam_state: inner AdamW moments per name at the start of the task (with shared moments:
-            the optimizer's, `SharedMomentAdamW.inner_state`). None: fresh zeros. Not modified;
-            the moments after the inner steps are returned in `MetaGradient.adam_state`.
+            the optimizer's, `SharedMomentAdamW.inner_state`). None: fresh zeros. Not modified
+            (unless `moments_in_place`); the moments after the inner steps are returned in
+            `MetaGradient.adam_state`.
         betas, eps: AdamW hyperparameters of the inner steps.
         weight_decay: decoupled weight decay of the inner steps (float or per name).
         fd_mode: "one-sided" (default: reuses the support gradient at theta_j, so one extra
@@ -553,9 +599,14 @@ def meta_gradient(
         norm_fn: the L2 norm of a dict of tensors used for the FD step (default: the local
             norm). A caller whose `params` are one rank's partition passes a norm all-reduced
             over the ranks, so that every rank takes the same step.
-        keep_first_support_gradient: hvp-fd with k >= 2: keep g_S(theta_0) from the forward
-            pass for the replays and the last reverse step (one more parameter-sized copy
-            alive, k - 1 fewer support passes per task; the result is the same).
+        keep_support_gradients: hvp-fd with k >= 2: keep the first c = min(this, k - 1)
+            support gradients g_S(theta_0) .. g_S(theta_(c-1)) from the forward pass for the
+            replays and their reverse steps (c parameter-sized copies alive; c = 1 saves k - 1
+            passes per task, c = k - 1 every replay pass: 3k passes; the result is the same).
+        moments_in_place: the inner steps update `adam_state`'s own tensors (e.g. the
+            optimizer's live moments: two parameter-sized vectors fewer, nothing to write back);
+            the result's adam_state holds those tensors. With k >= 2 the second-order modes keep
+            a copy of the starting moments for their replays. Not with "exact" (autograd).
 
     Second-order modes run the forward passes they differentiate twice under the math SDPA
     kernel, so models with attn_implementation="sdpa" work in "exact" and "hvp"; an op without
@@ -572,6 +623,8 @@ def meta_gradient(
         problems.append(f"second_order must be one of {SECOND_ORDER_MODES}, got {second_order!r}")
     if fd_mode not in FD_MODES:
         problems.append(f"fd_mode must be one of {FD_MODES}, got {fd_mode!r}")
+    if keep_support_gradients < 0:
+        problems.append(f"keep_support_gradients must be >= 0, got {keep_support_gradients}")
     if fd_scale is not None and not fd_scale > 0:
         problems.append(f"fd_scale must be > 0, got {fd_scale}")
     if len(query) == 0:
@@ -584,6 +637,8 @@ def meta_gradient(
         )
     if adam_state is not None and set(adam_state) != set(params):
         problems.append("adam_state must have the keys of params")
+    if moments_in_place and (adam_state is None or second_order == "exact"):
+        problems.append("moments_in_place needs adam_state and a mode other than 'exact'")
     if isinstance(weight_decay, Mapping) and not set(params) <= set(weight_decay):
         problems.append("a weight_decay mapping must have every key of params")
     if problems:
@@ -599,7 +654,7 @@ def meta_gradient(
     return _recursive(
         loss_fn, theta0, state0, support, query, config,
         second_order=second_order, fd_mode=fd_mode, fd_scale=fd_scale, norm_fn=norm_fn,
-        keep_first=keep_first_support_gradient,
+        num_kept=keep_support_gradients, moments_in_place=moments_in_place,
     )  # fmt: skip
 
 
@@ -642,20 +697,22 @@ def _replay(
     batches: list[Any],
     rngs: list[RngSnapshot],
     config: InnerStepConfig,
-    first_grads: dict[str, Tensor] | None = None,
+    kept: Sequence[SupportGradient] = (),
 ) -> tuple[dict[str, Tensor], AdamWState | None]:
     """theta_j and the AdamW state before step j, recomputed from theta_0 over `batches`
-    (step 0 from `first_grads`, the support gradient at theta_0, when given)."""
+    (step i from `kept[i]`, the support gradient at theta_i kept by the forward pass, when
+    there is one)."""
     theta, state = theta0, state0
     for i, (batch, rng) in enumerate(zip(batches, rngs, strict=True)):
-        if i == 0 and first_grads is not None:
-            grads = first_grads
+        if i < len(kept):
+            grads = kept[i].grads
         else:
             grads = support_gradient(loss_fn, theta, batch, rng=rng).grads
         # Step 0 reads the caller's theta_0 / state_0; later steps overwrite working copies.
         theta, state = inner_step(
             theta, grads, config, state, params_in_place=i > 0, state_in_place=i > 0
         )
+        del grads  # not alive through the next support pass
     return theta, state
 
 
@@ -674,27 +731,29 @@ def _forward(
     *,
     keep_last: bool,
     last_graph: bool,
-    keep_first: bool = False,
+    num_kept: int = 0,
+    moments_in_place: bool = False,
 ) -> tuple[
     dict[str, Tensor],
     AdamWState | None,
     list[Tensor],
     list[RngSnapshot],
     tuple[dict[str, Tensor], SupportGradient, AdamWState | None] | None,
-    SupportGradient | None,
+    list[SupportGradient],
 ]:
     """The k inner steps without graphs: (theta_k, state_k, support losses, RNG states, last,
-    first).
+    kept).
 
     `last` = (theta_(k-1), its support gradient, the state after step k-1) for the reverse pass
     (None if not `keep_last` or k = 0); with `last_graph` that support gradient keeps its graph
-    for an exact HVP. `first` = the support gradient at theta_0 when `keep_first` and k >= 2:
-    every replay and the reverse pass's last step start from it (one partition-sized copy
-    instead of one support pass each).
+    for an exact HVP. `kept` = the support gradients at theta_0 .. theta_(c-1), c = min(num_kept,
+    k - 1): the replays and the reverse steps j < c start from them (one partition-sized copy
+    each instead of support passes). `moments_in_place`: step 0 updates `state0` itself.
     """
     theta, state = theta0, state0
     losses, rngs = [], []
-    last = first = None
+    last = None
+    kept: list[SupportGradient] = []
     for j, batch in enumerate(support):
         is_last = j == len(support) - 1
         rngs.append(RngSnapshot.capture())
@@ -709,13 +768,14 @@ def _forward(
             config,
             state,
             params_in_place=j > 0 and not keep,
-            state_in_place=j > 0,
+            state_in_place=j > 0 or moments_in_place,
         )
         if keep:
             last = (theta_j, sg, state)
-        if j == 0 and keep_first and not is_last:
-            first = sg
-    return theta, state, losses, rngs, last, first
+        if j < num_kept and not is_last:
+            kept.append(sg)
+        del sg, theta_j  # not alive through the next support pass (unless kept above)
+    return theta, state, losses, rngs, last, kept
 
 
 def _recursive(
@@ -730,7 +790,8 @@ def _recursive(
     fd_mode: FdMode,
     fd_scale: float | None,
     norm_fn: NormFn | None = None,
-    keep_first: bool = False,
+    num_kept: int = 0,
+    moments_in_place: bool = False,
 ) -> MetaGradient:
     """`hvp`, `hvp-fd` and `first-order`: forward pass, then the reverse recursion.
 
@@ -740,10 +801,14 @@ def _recursive(
     num_steps = len(support)
     exact_hvp = second_order == "hvp"
     needs_grad_at_theta = exact_hvp or fd_mode == "one-sided" or config.optimizer == "adamw"
-    theta_k, state_k, support_losses, rngs, last, first = _forward(
+    replay_state0 = state0  # the replays of steps j >= 1 start from the moments before step 0
+    if moments_in_place and num_steps >= 2 and second_order != "first-order":
+        replay_state0 = _cloned_state(state0)
+    theta_k, state_k, support_losses, rngs, last, kept = _forward(
         loss_fn, theta0, state0, support, config, keep_last=second_order != "first-order",
         last_graph=exact_hvp,
-        keep_first=keep_first and second_order == "hvp-fd" and needs_grad_at_theta,
+        num_kept=num_kept if second_order == "hvp-fd" and needs_grad_at_theta else 0,
+        moments_in_place=moments_in_place,
     )  # fmt: skip
     query_loss, u = query_gradient(loss_fn, theta_k, query)
     del theta_k  # not needed any more
@@ -758,12 +823,11 @@ def _recursive(
             last = None
         else:
             theta_j, state_j = _replay(
-                loss_fn, theta0, state0, support[:j], rngs[:j], config,
-                first_grads=None if first is None else first.grads,
+                loss_fn, theta0, replay_state0, support[:j], rngs[:j], config, kept=kept,
             )  # fmt: skip
             sg_j = None
-            if j == 0 and first is not None:  # kept from the forward pass (hvp-fd, k >= 2)
-                sg_j, first = first, None
+            if j < len(kept):  # kept from the forward pass (hvp-fd, k >= 2); later steps
+                sg_j = kept.pop()  # (smaller j) replay only the ones before it
             elif needs_grad_at_theta:
                 sg_j = support_gradient(
                     loss_fn, theta_j, support[j], create_graph=exact_hvp, rng=rngs[j]
@@ -773,20 +837,25 @@ def _recursive(
                 assert sg_j is not None
                 state_after = _moments_after(sg_j.grads, state_j, config, in_place=j > 0)
             del state_j
-        precond = inner_precondition(state_after, config)
+        # w = D_j u without D_j kept whole; the FD point theta_j + eps w then overwrites w
+        # (AdamW: w is ours; SGD: w is u), and u's update overwrites H w.
+        w = preconditioned_direction(u, state_after, config)
+        del state_after
         if exact_hvp:
             assert sg_j is not None and sg_j.hvp is not None
-            hvp_fn: HvpFn = sg_j.hvp
+            hw = sg_j.hvp(w)
         else:
-            hvp_fn = functools.partial(
-                finite_difference_hvp,
+            hw = finite_difference_hvp(
                 functools.partial(_support_grads_only, loss_fn, support[j], rngs[j]),
                 theta_j,
+                w,
                 fd_mode=fd_mode,
                 fd_scale=fd_scale,
                 norm_fn=norm_fn,
                 grad_at_params=sg_j.grads if sg_j is not None else None,
+                overwrite_direction=config.optimizer == "adamw",
             )
-        u = reverse_step(u, hvp_fn, precond, config)
-        del theta_j, sg_j, state_after, hvp_fn, precond
+        del theta_j, sg_j, w
+        u = _adjoint_update(u, hw, config, into_hw=not exact_hvp)
+        del hw
     return MetaGradient(u, _mean_loss(support_losses), query_loss, state_k)

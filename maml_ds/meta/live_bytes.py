@@ -5,17 +5,35 @@ MemTracker give a usable peak. `LiveTensorBytes` is a TorchDispatchMode that see
 adds the bytes of each storage an op creates and subtracts them when the storage dies (a weakref
 finalizer on the storage), and keeps the peak.
 The numbers are exact and repeatable; compare them between runs (k = 1 vs k = 4, n = 1 vs n = 8)
-rather than reading them as absolute process memory.
+rather than reading them as absolute process memory. Storages made under `host_side()` (what a
+GPU run keeps in host memory, e.g. the moment snapshot) are counted apart, in `host_bytes`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+_host = threading.local()
+
+
+@contextlib.contextmanager
+def host_side() -> Iterator[None]:
+    """Tensors made in this block live in host memory on a GPU run (pinned CPU copies): on a
+    CPU-only run, where host and device are one memory, `LiveTensorBytes` counts them apart."""
+    before = getattr(_host, "active", False)
+    _host.active = True
+    try:
+        yield
+    finally:
+        _host.active = before
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -37,6 +55,7 @@ class LiveTensorBytes(TorchDispatchMode):
         current_bytes: bytes of counted storages alive now.
         peak_bytes: the maximum of current_bytes since entering (or `reset_peak`).
         num_allocations: number of storages counted.
+        host_bytes: bytes of storages made under `host_side()` alive now (not in the others).
     """
 
     def __init__(self) -> None:
@@ -44,6 +63,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
         self.num_allocations = 0
+        self.host_bytes = 0
+        self._host_live: dict[int, int] = {}
         # Live counted storages: data_ptr -> nbytes. A finalizer removes the entry when the
         # storage dies, before the allocator can hand the address out again.
         self._live: dict[int, int] = {}
@@ -55,13 +76,21 @@ class LiveTensorBytes(TorchDispatchMode):
     def _release(self, ptr: int) -> None:
         self.current_bytes -= self._live.pop(ptr)
 
+    def _release_host(self, ptr: int) -> None:
+        self.host_bytes -= self._host_live.pop(ptr)
+
     def _track(self, tensor: torch.Tensor, input_ptrs: set[int]) -> None:
         if tensor.device.type == "meta" or tensor.is_sparse:
             return
         storage = tensor.untyped_storage()
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or ptr in self._live or ptr in input_ptrs:
+        if nbytes == 0 or ptr in self._live or ptr in self._host_live or ptr in input_ptrs:
             return  # empty, already counted, or a view / in-place result of an input
+        if getattr(_host, "active", False):
+            self._host_live[ptr] = nbytes
+            self.host_bytes += nbytes
+            weakref.finalize(storage, self._release_host, ptr)
+            return
         self._live[ptr] = nbytes
         self.current_bytes += nbytes
         self.num_allocations += 1

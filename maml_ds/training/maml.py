@@ -16,6 +16,8 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from rich.console import Console
 from torch import Tensor
 from torch.func import functional_call
 
@@ -24,12 +26,19 @@ from maml_ds.config import RunConfig
 from maml_ds.data.reader import Example
 from maml_ds.data.sampler import PromptSpec, TaskSampler
 from maml_ds.losses import scored_loss_sum
-from maml_ds.meta.gradient import meta_gradient
+from maml_ds.meta.gradient import LossFn, meta_gradient
+from maml_ds.meta.precision import UpdateRounding, inner_update_kept
 from maml_ds.training.sharded import ShardedPasses, uses_sharded_path
 from maml_ds.training.state import StepStats, TrainContext, local_task_batch
 from maml_ds.training.zero_layout import PartitionLayout, set_learning_rate_zero
 
 __all__ = ["MamlStep", "build_task_sampler", "make_loss_fn"]
+
+INNER_ROUNDING_EVERY = 50
+"""At 16 bits, measure how much of an inner step reaches the forward on the first meta-update
+and every this many after (`StepStats.extra["inner_kept"]`, `["inner_cosine"]`)."""
+INNER_KEPT_WARNING = 0.5
+"""Warn (once per run) when fewer of the elements an inner step changes survive the rounding."""
 
 
 def build_task_sampler(cfg: RunConfig, tasks: dict[str, list[Example]], tokenizer: Any) -> Any:
@@ -65,6 +74,30 @@ def make_loss_fn(layout: PartitionLayout):
     return loss_fn
 
 
+def _all_reduced(rounding: UpdateRounding) -> UpdateRounding:
+    sums = rounding.as_tensor().to(D.device())
+    if D.world_size() > 1:
+        dist.all_reduce(sums)
+    return UpdateRounding.from_sums(sums)
+
+
+def _watch_first_inner_step(
+    loss_fn: LossFn, theta0: Mapping[str, Tensor], dtype: torch.dtype, out: list[UpdateRounding]
+) -> LossFn:
+    """loss_fn that compares its second point (theta_1: the first inner step, whatever k and the
+    mode) with theta_0 as the `dtype` forward sees them, appending the result to `out`."""
+    calls = 0
+
+    def watched(local: dict[str, Tensor], batch: Any) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            out.append(inner_update_kept(theta0, local, dtype))
+        return loss_fn(local, batch)
+
+    return watched
+
+
 def _moments_are_finite(state: Mapping[str, Any] | None) -> bool:
     """The inner AdamW moments of this rank's partition are finite (None: an SGD inner loop)."""
     if state is None:
@@ -86,6 +119,10 @@ class MamlStep:
         if sharded is None:  # ZeRO-3 hvp-fd / first-order: the sharded path (sharded.py)
             sharded = uses_sharded_path(ctx.cfg)
         self.sharded = ShardedPasses(ctx.engine, self.layout) if sharded else None
+        dtypes = set(self.layout.dtype_by_name.values())
+        self.model_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+        self.warned_inner_kept = False
+        self.num_calls = 0
 
     def local_batch(self, ctx: TrainContext, prompts: list[PromptSpec]) -> dict[str, Any]:
         """This rank's slice of one global task batch (a check may feed other batches here)."""
@@ -98,17 +135,29 @@ class MamlStep:
         mode = "first-order" if spec.first_order else cfg.meta.second_order
         loss_fn = make_loss_fn(layout) if self.sharded is None else self.sharded.loss_fn
         global_batch = cfg.deepspeed.micro_batch_size * D.world_size()
-        snapshot = layout.snapshot_moments()
+        # The sharded path keeps the snapshot in host memory and steps the live moments in
+        # place (nothing to write back): docs/memory.md, "The sharded path".
+        in_place = self.sharded is not None and cfg.meta.inner_optimizer == "adamw"
+        snapshot = layout.snapshot_moments(host=self.sharded is not None)
         params = {name: p for name, p in layout.param_by_name.items() if p.requires_grad}
         support_loss = query_loss = 0.0
         moments_finite = True  # this rank's inner moments after every task
         accumulated: dict[str, Tensor] | None = None  # sum over tasks, this rank's partition
-        for _ in range(n):
+        rounding: list[UpdateRounding] = []
+        measure_rounding = self.model_dtype in (torch.bfloat16, torch.float16) and (
+            self.num_calls == 0 or ctx.state.step % INNER_ROUNDING_EVERY == 0
+        )
+        self.num_calls += 1
+        for task in range(n):
             batches = ctx.sampler.take(num_batches=2 * k, batch_size=global_batch)
             local = [self.local_batch(ctx, b) for b in batches]
+            theta0 = layout.local_params()
+            task_loss_fn = loss_fn
+            if measure_rounding and task == 0 and k > 0:
+                task_loss_fn = _watch_first_inner_step(loss_fn, theta0, self.model_dtype, rounding)
             result = meta_gradient(
-                loss_fn,
-                layout.local_params(),
+                task_loss_fn,
+                theta0,
                 local[:k],
                 local[k:],
                 inner_lr=cfg.meta.inner_lr,
@@ -121,10 +170,13 @@ class MamlStep:
                 fd_mode=cfg.meta.fd_mode,
                 fd_scale=cfg.meta.fd_scale,
                 norm_fn=layout.global_norm,
-                keep_first_support_gradient=True,  # k >= 2: one partition, k - 1 passes fewer
+                keep_support_gradients=1,  # k >= 2: one partition, k - 1 passes fewer
+                moments_in_place=in_place,
             )
+            del theta0, task_loss_fn
             moments_finite = moments_finite and _moments_are_finite(result.adam_state)
-            layout.store_moments(result.adam_state)
+            if not in_place:
+                layout.store_moments(result.adam_state)
             support_loss += D.all_reduce_sum(result.support_loss) / n
             query_loss += D.all_reduce_sum(result.query_loss) / n
             if accumulated is None:
@@ -164,11 +216,30 @@ class MamlStep:
             engine.step()
         if skipped:
             layout.restore_moments(snapshot)
+        del snapshot
+        extra = {"support_loss": support_loss, "query_loss": query_loss}
+        if rounding:
+            extra.update(self._inner_rounding(cfg, _all_reduced(rounding[0])))
         return StepStats(
             loss=query_loss,
             num_prompts=2 * k * n * global_batch,
             num_batches=2 * k * n,
             skipped=skipped,
             overflow=not skipped and not engine.was_step_applied(),
-            extra={"support_loss": support_loss, "query_loss": query_loss},
+            extra=extra,
         )
+
+    def _inner_rounding(self, cfg: RunConfig, rounding: UpdateRounding) -> dict[str, float]:
+        """The first inner step's survival in the 16-bit forward; one warning per run (rank 0)
+        when most of it is lost."""
+        kept = rounding.share_kept
+        if kept < INNER_KEPT_WARNING and not self.warned_inner_kept and D.is_main():
+            Console(stderr=True).print(
+                f"[bold yellow]warning:[/] only {kept:.0%} of the elements an inner step changes "
+                f"reach the {cfg.deepspeed.precision} forward (cosine(realised, intended) "
+                f"{rounding.cosine:.2f}, inner lr {cfg.meta.inner_lr:g}): most of the "
+                "adaptation is lost to 16-bit rounding. Use a larger --inner-lr or "
+                '--precision fp32 (docs/memory.md, "Precision of the adaptation").'
+            )
+        self.warned_inner_kept = self.warned_inner_kept or kept < INNER_KEPT_WARNING
+        return {"inner_kept": kept, "inner_cosine": rounding.cosine}

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from maml_ds import distributed as D
 from maml_ds.config import ConfigError
+from maml_ds.meta.live_bytes import host_side
 from maml_ds.meta.optim import AdamWMoments, SharedMomentAdamW
 
 __all__ = [
@@ -97,10 +98,25 @@ def zero_gradients(engine, stage: int) -> None:
         g.zero_()
 
 
-def snapshot_optimizer_state(engine) -> dict[Tensor, dict[str, Any]]:
+def _host_copy(t: Tensor) -> Tensor:
+    """`t` copied into host memory (pinned, asynchronous from a GPU; ordered on its stream)."""
+    if t.device.type == "cpu":
+        return t.clone()
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def snapshot_optimizer_state(engine, *, host: bool = False) -> dict[Tensor, dict[str, Any]]:
     """A copy of this rank's whole client-optimizer state (moments, step counts), keyed by the
-    tensors it is kept for (parameters at ZeRO-0, this rank's flat partitions at ZeRO 1-3)."""
+    tensors it is kept for (parameters at ZeRO-0, this rank's flat partitions at ZeRO 1-3);
+    `host`: in host memory (no device memory; restoring copies it back)."""
     state = client_optimizer(engine).state
+    if host:
+        with host_side():
+            return {
+                owner: {k: _host_copy(v) if isinstance(v, Tensor) else v for k, v in e.items()}
+                for owner, e in state.items()
+            }
     return {
         owner: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
         for owner, entry in state.items()
@@ -476,9 +492,10 @@ class PartitionLayout:
             return [self.param_by_name[n] for n in self.groups[0].names]
         return list(self._partitions)
 
-    def snapshot_moments(self) -> dict[Tensor, dict[str, Any]]:
-        """A copy of this rank's whole optimizer state (to restore when an update is skipped)."""
-        return snapshot_optimizer_state(self.engine)
+    def snapshot_moments(self, *, host: bool = False) -> dict[Tensor, dict[str, Any]]:
+        """A copy of this rank's whole optimizer state (to restore when an update is skipped);
+        `host`: kept in host memory."""
+        return snapshot_optimizer_state(self.engine, host=host)
 
     def restore_moments(self, snapshot: Mapping[Tensor, Mapping[str, Any]]) -> None:
         """Put the state back exactly: same keys (state created since is dropped), same values."""

@@ -56,7 +56,7 @@ def test_paper_setup_json(tmp_path):
     assert data["deepspeed_estimate_bytes"] == 2 * p + 18 * p // 8
     r = {row["key"]: row["bytes"] for row in data["rows"]}
     q = 4 * p // 8  # one fp32 partition per rank
-    assert r["adapted_copy"] == q and r["hvp_vectors"] == 4 * q
+    assert r["adapted_copy"] == q and r["hvp_vectors"] == 2 * q  # D_j u and the FD point share
     assert r["meta_gradient_accumulator"] == q  # the engine's sum over the n = 4 tasks
     assert r["gather_backward"] == 2 * 4 * p  # fp32 gradients + their concatenation
     assert data["peak_phase"] in ("loss forward", "loss backward end")

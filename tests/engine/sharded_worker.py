@@ -9,7 +9,8 @@ key=value over CASE_DEFAULTS:
       ckpt=1 / attn=sdpa: the sharded run with activation checkpointing / SDPA, the gather
       run (the reference) eager without;
   kind=memory: per-rank peak (LiveTensorBytes) of one update of `method`, the sharded path
-      (ckpt=1: with activation checkpointing, micro: the micro-batch size).
+      (ckpt=1: with activation checkpointing, micro: the micro-batch size; model: a built-in
+      or one of DEEP_MODELS).
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ CASE_DEFAULTS = {
     "model": "measure-4x256", "release": "0", "ckpt": "0", "attn": "eager",
     "micro": "1",
 }  # fmt: skip
+
+
+DEEP_MODELS = {"deep-12x256": {"n_layer": 12, "n_embd": 256, "n_head": 4, "vocab_size": 512}}
+"""Random-init GPT-2 configs written to a local folder: many layers, a small vocabulary (the
+largest layer 3% of the parameters, as in real LLMs; measure-4x256's embedding is 25%)."""
+
+
+def model_folder(name: str, root: Path) -> str:
+    """A DEEP_MODELS config as a local model folder under `root`, or `name` itself."""
+    if name not in DEEP_MODELS:
+        return name
+    from transformers import GPT2Config
+
+    folder = root / name
+    if not (folder / "config.json").is_file():
+        config = GPT2Config(n_positions=256, bos_token_id=0, eos_token_id=0, **DEEP_MODELS[name])
+        config.save_pretrained(folder)
+    return str(folder)
 
 
 RELEASE_EACH_LAYER = {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 0}
@@ -133,13 +152,15 @@ def memory_case(c: dict[str, str], out: Path) -> dict:
     fixture = MeasureFixture(out / "fixture", int(c["seq"]))
     if D.is_main():
         fixture.write()
+        model_folder(c["model"], out)
     D.barrier()
     mem = MemorySetup(
         method=c["method"], zero_stage=3, precision="fp32", gpus_per_node=D.world_size(),
         seq_len=int(c["seq"]), reduce_bucket_size=20_000, micro_batch_size=int(c["micro"]),
         activation_checkpointing=c["ckpt"] == "1",
     )  # fmt: skip
-    cfg = measure_run_config(mem, fixture, out / "run", model=c["model"])
+    model = model_folder(c["model"], out)
+    cfg = measure_run_config(mem, fixture, out / "run", model=model)
     if c["release"] == "1":  # ZeRO-3 releases each layer after use (no gathered-model reuse)
         json_file = out / "release.json"
         json_file.write_text(json.dumps({"zero_optimization": RELEASE_EACH_LAYER}))

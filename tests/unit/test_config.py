@@ -93,6 +93,12 @@ def test_deepspeed_json_batch_arithmetic_and_stages():
     assert "stage3_param_persistence_threshold" in ds["zero_optimization"]
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert ds["zero_allow_untested_optimizer"] is True
+    assert "stage3_max_reuse_distance" not in ds["zero_optimization"]  # DeepSpeed's own
+    # MAML's sharded path releases each gathered layer after use (docs/memory.md)
+    maml = RunConfig(method="maml-2-4")
+    maml.deepspeed.zero_stage = 3
+    zero = build_deepspeed_config(maml, world_size=8)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["stage3_max_live_parameters"] == 0
     # MAML: one backward + one step per meta-update; the engine accumulates the n tasks.
     cfg = RunConfig(method="maml-2-4")
     cfg.deepspeed.precision = "bf16"

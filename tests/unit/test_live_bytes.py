@@ -77,3 +77,17 @@ def test_forward_backward_is_exact_and_repeatable() -> None:
     assert peak >= 2 * 128 * 256 * 4
     bigger, _ = training_step_peak(512)
     assert bigger > peak
+
+
+def test_host_side_storages_are_counted_apart() -> None:
+    from maml_ds.meta import host_side
+
+    with LiveTensorBytes() as mem:
+        device = torch.empty(1000, dtype=torch.float32)
+        with host_side():
+            host = device.clone()  # what a GPU run keeps in pinned host memory
+        assert (mem.current_bytes, mem.host_bytes) == (4000, 4000)
+        del host
+        assert (mem.current_bytes, mem.host_bytes) == (4000, 0)
+        del device
+    assert mem.peak_bytes == 4000

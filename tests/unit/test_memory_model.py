@@ -110,7 +110,7 @@ def test_maml_rows(medium, stage):
     assert r["moment_snapshot"] == r["moments"] == pytest.approx(8 * p / (1 if stage == 0 else w))
     assert r["inner_state"] == pytest.approx(2 * q)  # AdamW m, v after the inner steps
     assert r["adapted_copy"] == pytest.approx(q)  # ONE fp32 partition copy
-    assert r["hvp_vectors"] == pytest.approx(4 * q)  # g_S, u, D, D*u
+    assert r["hvp_vectors"] == pytest.approx(2 * q)  # g_S, u (D u and the FD point in place)
     assert r["meta_gradient_accumulator"] == r["meta_gradient_mean"] == pytest.approx(q)
     assert r["gathered_parameters"] == r["gathered_meta_gradient"] == pytest.approx(g)
     assert r["gather_backward"] == pytest.approx(2 * f)  # fp32 gradients + their concatenation
@@ -172,52 +172,57 @@ def test_memory_vs_number_of_tasks(medium):
 # Measured per-rank peaks of one meta-update (bytes), CPU, LiveTensorBytes, measure-4x256 at seq
 # 128, buckets 2e5: `maml-ds memory --measure` (1 rank) and `bench/engine_step.py` (2 ranks).
 # The model reproduces them (docs/memory.md has the table); a change in the engine or in
-# COMPONENTS that breaks this needs a new measurement. ZeRO-3 rows: the sharded path
-# (maml_ds.memory.measure.measure under 1 and 2 ranks, n = 1, 2), measured 2026-12-01.
+# COMPONENTS that breaks this needs a new measurement. The maml-2-n (hvp-fd) rows at ZeRO 0-2
+# were measured again after issue 11 (D_j u and the FD point in place: 2 partitions less).
+# ZeRO-3 rows: the sharded path
+# (maml_ds.memory.measure.measure under 1 and 2 ranks, n = 1, 2), measured 2026-12-01 again
+# after issue 11 (snapshot in host memory, moments in place). At 2 ranks DeepSpeed's default
+# reuse distance keeps part of the gathered model through a pass (not modelled: 3-4% here,
+# docs/memory.md "The sharded path"), hence 5% for those rows.
 MEASURED_CPU = {
     # (method, zero, precision, world size): measured peak bytes
     ("fomaml-2-1", 0, "fp32", 1): 228_612_788,
     ("fomaml-2-2", 0, "fp32", 1): 245_707_444,
-    ("maml-2-1", 0, "fp32", 1): 296_991_416,
-    ("maml-2-2", 0, "fp32", 1): 314_086_072,
+    ("maml-2-1", 0, "fp32", 1): 262_802_104,
+    ("maml-2-2", 0, "fp32", 1): 279_896_760,
     ("fomaml-2-1", 1, "bf16", 1): 179_498_268,
     ("fomaml-2-2", 1, "bf16", 1): 196_592_924,
-    ("maml-2-1", 1, "bf16", 1): 247_876_896,
-    ("maml-2-2", 1, "bf16", 1): 264_971_552,
-    ("maml-2-1", 1, "fp32", 1): 262_801_696,
-    ("maml-2-2", 1, "fp32", 1): 279_896_352,
+    ("maml-2-1", 1, "bf16", 1): 213_687_584,
+    ("maml-2-2", 1, "bf16", 1): 230_782_240,
+    ("maml-2-1", 1, "fp32", 1): 228_612_384,
+    ("maml-2-2", 1, "fp32", 1): 245_707_040,
     ("fomaml-2-1", 2, "bf16", 1): 179_498_268,
     ("fomaml-2-2", 2, "bf16", 1): 196_592_924,
-    ("maml-2-1", 2, "bf16", 1): 247_876_896,
-    ("maml-2-2", 2, "bf16", 1): 264_971_552,
+    ("maml-2-1", 2, "bf16", 1): 213_687_584,
+    ("maml-2-2", 2, "bf16", 1): 230_782_240,
     ("fomaml-2-1", 2, "fp32", 1): 194_423_068,
     ("fomaml-2-2", 2, "fp32", 1): 211_517_724,
-    ("maml-2-1", 2, "fp32", 1): 262_801_696,
-    ("maml-2-2", 2, "fp32", 1): 279_896_352,
-    ("maml-2-1", 3, "bf16", 1): 243_923_873,
-    ("maml-2-2", 3, "bf16", 1): 261_018_529,
-    ("fomaml-2-1", 3, "fp32", 1): 205_940_249,
-    ("fomaml-2-2", 3, "fp32", 1): 223_034_905,
-    ("maml-2-1", 0, "fp32", 2): 211_518_136,
-    ("maml-2-2", 0, "fp32", 2): 220_065_464,
+    ("maml-2-1", 2, "fp32", 1): 228_612_384,
+    ("maml-2-2", 2, "fp32", 1): 245_707_040,
+    ("maml-2-1", 3, "bf16", 1): 141_355_929,
+    ("maml-2-2", 3, "bf16", 1): 158_450_585,
+    ("fomaml-2-1", 3, "fp32", 1): 154_656_293,
+    ("fomaml-2-2", 3, "fp32", 1): 154_656_293,
+    ("maml-2-1", 0, "fp32", 2): 194_423_480,
+    ("maml-2-2", 0, "fp32", 2): 202_970_808,
     ("fomaml-2-1", 0, "fp32", 2): 177_328_820,
     ("fomaml-2-2", 0, "fp32", 2): 185_876_148,
-    ("maml-2-1", 1, "bf16", 2): 145_308_960,
-    ("maml-2-2", 1, "bf16", 2): 153_856_288,
+    ("maml-2-1", 1, "bf16", 2): 128_214_304,
+    ("maml-2-2", 1, "bf16", 2): 136_761_632,
     ("fomaml-2-1", 1, "bf16", 2): 111_119_644,
     ("fomaml-2-2", 1, "bf16", 2): 119_666_972,
-    ("maml-2-1", 2, "bf16", 2): 145_308_960,
-    ("maml-2-2", 2, "bf16", 2): 153_856_288,
+    ("maml-2-1", 2, "bf16", 2): 128_214_304,
+    ("maml-2-2", 2, "bf16", 2): 136_761_632,
     ("fomaml-2-1", 2, "bf16", 2): 111_119_644,
     ("fomaml-2-2", 2, "bf16", 2): 119_666_972,
-    ("maml-2-1", 2, "fp32", 2): 160_233_760,
-    ("maml-2-2", 2, "fp32", 2): 168_781_088,
+    ("maml-2-1", 2, "fp32", 2): 143_139_104,
+    ("maml-2-2", 2, "fp32", 2): 151_686_432,
     ("fomaml-2-1", 2, "fp32", 2): 126_044_444,
     ("fomaml-2-2", 2, "fp32", 2): 134_591_772,
-    ("maml-2-1", 3, "bf16", 2): 131_803_565,
-    ("maml-2-2", 3, "bf16", 2): 140_350_893,
-    ("fomaml-2-1", 3, "bf16", 2): 97_614_249,
-    ("fomaml-2-2", 3, "bf16", 2): 106_161_577,
+    ("maml-2-1", 3, "bf16", 2): 80_519_589,
+    ("maml-2-2", 3, "bf16", 2): 89_066_917,
+    ("fomaml-2-1", 3, "bf16", 2): 68_783_013,
+    ("fomaml-2-2", 3, "bf16", 2): 71_972_257,
 }
 
 
@@ -232,7 +237,8 @@ def test_model_reproduces_cpu_measurements(case):
         reduce_bucket_size=MEASURE_BUCKET,
     )  # fmt: skip
     predicted = build_report(facts, setup).predicted_peak_bytes
-    assert predicted == pytest.approx(MEASURED_CPU[case], rel=0.03)
+    tolerance = 0.05 if stage == 3 and world == 2 else 0.03
+    assert predicted == pytest.approx(MEASURED_CPU[case], rel=tolerance)
 
 
 def test_zero_partitioning(medium):

@@ -518,3 +518,41 @@ def test_inner_step_matches_sgd_and_adamw_formulas_on_flat_partitions() -> None:
                 flat_new_state["flat"]["exp_avg_sq"],
                 torch.cat([s["exp_avg_sq"].flatten() for s in new_state.values()]),
             )
+
+
+# --- the engine's memory options and the 16-bit rounding check --------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hvp-fd", "hvp", "first-order"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_moments_in_place_and_kept_gradients_change_nothing(mode: str, k: int) -> None:
+    """The sharded path's options are bit-equal to the default: the caller's moments end as the
+    returned state (same tensors), and keeping every support gradient gives the same result."""
+    loss_fn, params = mlp_setup()
+    support, query = mlp_batches(k, seed=1), mlp_batches(k, seed=2)
+    kwargs: dict[str, Any] = {"inner_lr": 0.5, "inner_optimizer": "adamw", "second_order": mode}
+    reference = meta_gradient(
+        loss_fn, params, support, query, adam_state=warm_state(params), **kwargs
+    )
+    live = warm_state(params)
+    result = meta_gradient(
+        loss_fn, params, support, query, adam_state=live, moments_in_place=True,
+        keep_support_gradients=k - 1, **kwargs,
+    )  # fmt: skip
+    for name in params:
+        assert torch.equal(result.grads[name], reference.grads[name]), name
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            returned = result.adam_state[name][key]
+            assert returned.data_ptr() == live[name][key].data_ptr()  # the same storage
+            assert torch.equal(live[name][key], reference.adam_state[name][key])
+
+
+def test_inner_update_kept_measures_what_a_16_bit_forward_sees() -> None:
+    from maml_ds.meta import inner_update_kept
+
+    theta = {"w": torch.linspace(1.0, 2.0, 1000)}  # bf16 spacing 2^-7 .. 2^-6 here
+    lost = inner_update_kept(theta, {"w": theta["w"] + 1e-4}, torch.bfloat16)
+    assert lost.intended == 1000 and lost.share_kept < 0.05
+    kept = inner_update_kept(theta, {"w": theta["w"] + 0.1}, torch.bfloat16)
+    assert kept.share_kept == 1.0 and kept.cosine > 0.999
+    assert inner_update_kept(theta, theta, torch.bfloat16).share_kept == 1.0  # no step

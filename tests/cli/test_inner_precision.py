@@ -1,0 +1,28 @@
+"""Precision of the adaptation (issue 11): at bf16 an inner step below the weights' 16-bit
+resolution is mostly lost; the MAML step measures the share that reaches the forward, logs it
+in history.jsonl and warns once when most of it is lost (maml_ds/meta/precision.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import maml_ds
+
+
+@pytest.mark.parametrize("inner_lr, warns", [("1e-7", True), ("1e-2", False)])
+def test_a_lost_inner_step_is_measured_and_warned_once(synth_dir, tokenizer_dir, tmp_path,
+                                                       inner_lr, warns):  # fmt: skip
+    run = tmp_path / "run"
+    proc = maml_ds("train", "--method", "maml-2-2", "--zero", "3", "--precision", "bf16",
+                   "--inner-lr", inner_lr, "--lr", "1e-3", "--max-steps", "2", "--model", "tiny",
+                   "--data", synth_dir, "--tokenizer", tokenizer_dir, "--k", "4",
+                   "--max-examples-per-task", "40", "--out", run)  # fmt: skip
+    first = json.loads((run / "history.jsonl").read_text().splitlines()[0])
+    text = " ".join(proc.stderr.split())
+    assert text.count("reach the bf16 forward") == (1 if warns else 0), proc.stderr[-2000:]
+    if warns:
+        assert first["inner_kept"] < 0.5 and "--inner-lr" in text
+    else:
+        assert first["inner_kept"] > 0.9 and first["inner_cosine"] > 0.9
