@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   -> venv + install, synthetic data, MetaICL meta-training of a tiny GPT-2 on 2 CPU ranks
+#   make demo   -> venv + install, then `maml-ds study`: the CPU study (docs/RESULTS.md)
 #   make test   -> venv + install, the default test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -147,10 +147,11 @@ def print_report(summary: StudySummary, num_seeds: int) -> None:
             tables += fitted_tables(
                 f"{PART_TITLES[part]}: margin over Raw LM (x100), mean±std over seeds",
                 ["Method"], families, margin_rows, width=width,
-                caption="min/max per seed: summary.json",
             )  # fmt: skip
         for table in tables:
             out_console.print(table)
+    if summary.margins:
+        out_console.print("(margins: min/max per seed in summary.json)", highlight=False)
     for line in summary.findings:
         out_console.print(line, highlight=False)
     if summary.missing:

@@ -31,6 +31,7 @@ __all__ = [
     "method_label",
     "with_variant",
     "preset_config",
+    "SHIPPED_START",
 ]
 
 Part = Literal["complete", "limited", "adapt", "ablation"]
@@ -139,6 +140,12 @@ ABLATION_ROWS = (
 is marked identical to SGD+SGD there and is not run."""
 
 
+SHIPPED_START = Path(__file__).resolve().parent.parent / "assets" / "copy-tiny-128"
+"""The cpu study's starting model, made once by `maml-ds pretrain` (its command, seed and copy
+loss: pretrain.json there): tiny-128 copy-pre-trained on the synthetic suite of seed 0, whose
+word-level tokenizer it carries (docs/pretrain.md)."""
+
+
 def is_synthetic_suite(data_dir: str) -> bool:
     return (Path(data_dir).expanduser() / MANIFEST_NAME).is_file()
 
@@ -165,10 +172,10 @@ class StudyConfig:
     """MetaICL-format data folder; None: the synthetic suite, written into STUDY/data."""
     synthetic_seed: int = 0
     """Seed of the synthetic suite written when `data_dir` is None."""
-    starting_model: str = "tiny"
-    """The model every method starts from and the baselines score: a folder (HF or run), a
-    Hugging Face id, or a built-in random-init config, which the study writes once into
-    STUDY/start/model so that every method and baseline sees the same weights."""
+    starting_model: str = str(SHIPPED_START)
+    """The model every method starts from and the baselines score: a folder (HF or run; the
+    default is the shipped copy-pre-trained tiny-128, SHIPPED_START), a Hugging Face id, or a
+    built-in random-init config, which the study copy-pre-trains once (`pretrain_steps`)."""
     pretrain_steps: int = 2800
     """Copy pre-training updates (`maml-ds pretrain` through `launch --method copy`) of a
     built-in starting model before anything else; 0: the built-in's random init as is."""
@@ -296,6 +303,15 @@ class StudyConfig:
                 "--tasks fresh draws synthetic tasks: it needs the synthetic suite (no --data); "
                 "pass --tasks files with a data folder"
             )
+        if Path(self.starting_model) == SHIPPED_START and (
+            self.synthetic_seed != 0
+            or (self.data_dir is not None and not is_synthetic_suite(self.data_dir))
+        ):
+            out.append(
+                "the shipped starting model knows the words of the synthetic suite of seed 0 "
+                "only: give --starting-model (e.g. tiny, copy-pre-trained in the study, or a "
+                "model of your data)"
+            )
         if self.pretrain_steps < 0:
             out.append(f"--pretrain-steps must be >= 0, got {self.pretrain_steps}")
         return out
@@ -342,6 +358,7 @@ PRESETS = {
         scopes=("unseen",),
         eval_seeds=(100, 13),
         gpus=1,
+        starting_model="tiny",
         pretrain_steps=4,
         recipes=dict(RECIPES["quick"]),
     ),

@@ -189,7 +189,32 @@ def gather(plan: Plan) -> StudySummary:
         summary.margins += _margins(part, in_part, synthetic)
     summary.families = list(dict.fromkeys(m.family for m in summary.margins if m.family != OVERALL))
     summary.findings = _findings(summary) + _over_no_icl(summary) + _no_icl_check(plan, rows)
+    summary.findings += _selected_updates(plan)
     return summary
+
+
+def _selected_updates(plan: Plan) -> list[str]:
+    """Which update each validated training's evaluated weights (RUN/best) come from."""
+    chosen = []
+    for run, best, last in _validation_choices(plan):
+        where = "the starting weights" if best == 0 else f"update {best}"
+        chosen.append(f"{run} {where} of {last}")
+    if not chosen:
+        return []
+    return [f"validation chose (RUN/best, what was evaluated): {'; '.join(chosen)}."]
+
+
+def _validation_choices(plan: Plan) -> list[tuple[str, int, int]]:
+    out = []
+    for step in plan.steps:
+        if step.run_dir is None:
+            continue
+        try:
+            record = json.loads((Path(step.run_dir) / VALIDATION_FILE).read_text())
+            out.append((Path(step.run_dir).name, record["best_step"], record["curve"][-1]["step"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, IndexError):
+            continue
+    return out
 
 
 def _over_no_icl(summary: StudySummary) -> list[str]:

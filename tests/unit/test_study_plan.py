@@ -28,7 +28,7 @@ from maml_ds.study import (
     run_steps,
     write_png,
 )
-from maml_ds.study.config import ABLATION_ROWS, PAPER_SETTINGS
+from maml_ds.study.config import ABLATION_ROWS, PAPER_SETTINGS, SHIPPED_START
 from maml_ds.study.plan import Plan, ResultRef
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,13 +105,11 @@ def read_plan_round_trip(plan: Plan, tmp_path: Path) -> Plan:
     return back
 
 
-def test_cpu_plan_writes_the_suite_and_pretrains_the_starting_model_once(tmp_path):
+def test_cpu_plan_starts_every_method_from_the_shipped_model(tmp_path):
     plan = build_plan(replace(preset_config("cpu"), out_dir=str(tmp_path)).validate())
-    assert [s.id for s in plan.steps[:2]] == ["data", "start.pretrain"]
-    pretrain = _args(plan.step("start.pretrain"))
-    assert pretrain["--method"] == "copy" and pretrain["--max-steps"] == "2800"
-    start = str(tmp_path / "start" / "pretrain" / "final")
-    for step in plan.steps[2:]:
+    assert plan.steps[0].id == "data" and not any(s.kind == "start" for s in plan.steps)
+    start = str(SHIPPED_START)
+    for step in plan.steps[1:]:
         args = _args(step)
         if step.kind == "train":
             recipe = RECIPES["cpu"][args["--method"]]
@@ -120,14 +118,45 @@ def test_cpu_plan_writes_the_suite_and_pretrains_the_starting_model_once(tmp_pat
             assert args["--tasks"] == "fresh" and args["--format"] == "spaces"
             assert args["--validate-every"] == str(recipe.validate_every) != "0"
         elif step.id.startswith("baseline."):
-            assert args["--model"] == start and step.needs == ("data", "start.pretrain")
+            assert args["--model"] == start and step.needs == ("data",)
             assert args["--format"] == "spaces"
         else:  # the best-validating weights of its training
             assert args["--model"] == plan.step(step.needs[0]).run_dir + "/best", step.id
 
 
+def test_a_builtin_start_is_copy_pretrained_once(tmp_path):
+    cfg = replace(preset_config("cpu"), out_dir=str(tmp_path), starting_model="tiny").validate()
+    plan = build_plan(cfg)
+    assert [s.id for s in plan.steps[:2]] == ["data", "start.pretrain"]
+    pretrain = _args(plan.step("start.pretrain"))
+    assert pretrain["--method"] == "copy" and pretrain["--max-steps"] == "2800"
+    start = str(tmp_path / "start" / "pretrain" / "final")
+    for step in plan.steps[2:]:
+        if step.kind == "train" or step.id.startswith("baseline."):
+            assert _args(step)["--model"] == start
+            assert "start.pretrain" in step.needs
+
+
+def test_the_shipped_start_is_the_pretrain_of_the_seed_0_suite(tmp_path):
+    from maml_ds.data.synth import write_synthetic_suite
+    from maml_ds.models import load_tokenizer
+
+    note = json.loads((SHIPPED_START / "pretrain.json").read_text())
+    assert note["seed"] == 100 and "maml-ds pretrain" in note["command"]
+    assert "--model tiny-128" in note["command"] and "--seed 0" in note["command"]
+    write_synthetic_suite(tmp_path / "suite", seed=0)
+    suite = load_tokenizer(tmp_path / "suite" / "tokenizer").get_vocab()
+    assert load_tokenizer(SHIPPED_START).get_vocab() == suite
+    config = json.loads((SHIPPED_START / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (2, 128, len(suite))
+    with pytest.raises(ConfigError, match="synthetic suite of seed 0 only"):
+        replace(preset_config("cpu"), synthetic_seed=1).validate()
+
+
 def test_plan_without_pretraining_writes_the_random_init_start_once(tmp_path):
-    cfg = replace(preset_config("cpu"), out_dir=str(tmp_path), pretrain_steps=0).validate()
+    cfg = replace(
+        preset_config("cpu"), out_dir=str(tmp_path), starting_model="tiny", pretrain_steps=0
+    ).validate()
     plan = build_plan(cfg)
     assert [s.id for s in plan.steps[:3]] == ["data", "start.init", "start.export"]
     assert plan.step("start.init").argv[-2:] == ("--stop-after", "0")
@@ -353,4 +382,8 @@ def test_report_reads_validation_curves_when_runs_log_them(tmp_path):
     assert validation_curves(plan) == {
         run.name: {"val_score": ([0, 5], [40.0, 45.0]), "val_nli": ([0], [30.0])}
     }
-    assert write_png(gather(plan), plan, tmp_path / "s.png").is_file()
+    summary = gather(plan)
+    assert summary.findings[-1] == (
+        "validation chose (RUN/best, what was evaluated): complete-synthetic-metaicl update 5 of 5."
+    )
+    assert write_png(summary, plan, tmp_path / "s.png").is_file()
