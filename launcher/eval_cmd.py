@@ -254,8 +254,8 @@ def _load_target(
         run_dir = loaded.run_dir
         out = Path(run_dir) / "eval" if run_dir is not None else Path("eval") / safe_name(model)
     options = replace(options, variant=variant)
-    if options.separators == "auto" and cfg is not None:
-        options = replace(options, separators=cfg.data.format)  # the run's prompt layout
+    if options.separators == "auto" and cfg is not None and options.baseline == "none":
+        options = replace(options, separators=cfg.data.format)  # the layout it was trained on
     label = label or default_label(
         baseline=options.baseline,
         variant=variant,
@@ -315,8 +315,8 @@ FormatOpt = Annotated[
     str,
     typer.Option(
         "--format",
-        help="auto | newlines | spaces (auto: a run's own --format; else spaces for baselines, "
-        "newlines otherwise)",
+        help="auto | newlines | spaces (auto: spaces for baselines; a trained run's own "
+        "--format; else newlines)",
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda if available)")]

@@ -426,4 +426,3 @@ def _from_pretrained(name: str | Path, attn_implementation: str, dtype: torch.dt
         return AutoModelForCausalLM.from_pretrained(
             str(name), attn_implementation=attn_implementation, dtype=dtype
         )
-

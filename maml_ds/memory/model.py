@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from maml_ds.config import ConfigError, MethodSpec, Precision, deepspeed_problems, parse_method
-from maml_ds.memory.facts import DTYPE_BYTES, ModelFacts, activation_bytes
+from maml_ds.memory.facts import ModelFacts, activation_bytes
+from maml_ds.memory.setup import MemorySetup
 
 GB = 1e9
 """Reports use decimal gigabytes, as the paper (GPT-2 Medium: S(theta) = 1.42 GB in fp32)."""
@@ -25,7 +25,6 @@ DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000
 """DeepSpeed's default ZeRO-3 `sub_group_size`: the optimizer steps the shard in pieces this big."""
 DEEPSPEED_ALLREDUCE_BUCKET = 500_000_000
 """Elements per flat copy when ZeRO-0 all-reduces the gradients (DeepSpeed's default)."""
-MODELLED_SECOND_ORDER = ("hvp-fd", "first-order")
 
 Phase = Literal[
     "persistent",
@@ -47,82 +46,6 @@ at a time), each a "loss gather" of the full parameters, a "loss forward" with i
 and a "loss backward end" with the gradients of the gather; then the "moment write-back" of the
 inner steps' moments. After the last task: "meta-gradient gather" of the mean, "engine.backward"
 (all-reduces at ZeRO-0) and "optimizer step". docs/memory.md, "What a MAML meta-update adds"."""
-
-
-@dataclass(frozen=True)
-class MemorySetup:
-    """A run's memory-relevant choices (what `maml-ds memory` asks for)."""
-
-    method: str = "metaicl"
-    zero_stage: int = 0
-    precision: Precision = "fp32"
-    num_nodes: int = 1
-    gpus_per_node: int = 1
-    seq_len: int = 1024
-    """Tokens per prompt (MetaICL: up to 1024)."""
-    micro_batch_size: int = 1
-    """Prompts per rank per forward pass."""
-    second_order: str = "hvp-fd"
-    """MAML meta-gradient mode; fomaml-* methods are first-order whatever this says."""
-    attn_implementation: Literal["eager", "sdpa"] = "eager"
-    activation_checkpointing: bool = False
-    """Each layer's activations recomputed in the backward (RunConfig.model)."""
-    reduce_bucket_size: int = 50_000_000
-    """DeepSpeed's gradient-reduction bucket (elements), as in RunConfig.deepspeed."""
-
-    @property
-    def world_size(self) -> int:
-        return self.num_nodes * self.gpus_per_node
-
-    @property
-    def method_spec(self) -> MethodSpec:
-        return parse_method(self.method)
-
-    @property
-    def is_maml(self) -> bool:
-        return self.method_spec.kind == "maml"
-
-    @property
-    def effective_second_order(self) -> str:
-        spec = self.method_spec
-        if spec.kind != "maml":
-            return "none"
-        return "first-order" if spec.first_order else self.second_order
-
-    @property
-    def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.precision]
-
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        try:
-            parse_method(self.method)
-        except ConfigError as err:
-            out.extend(err.problems)
-        out.extend(deepspeed_problems(self.zero_stage, self.precision))
-        if self.num_nodes < 1:
-            out.append(f"--nodes must be >= 1, got {self.num_nodes}")
-        if self.gpus_per_node < 1:
-            out.append(f"--gpus must be >= 1, got {self.gpus_per_node}")
-        if self.seq_len < 2:
-            out.append(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.micro_batch_size < 1:
-            out.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        if self.attn_implementation not in ("eager", "sdpa"):
-            out.append(f"--attn must be eager or sdpa, got {self.attn_implementation!r}")
-        if self.second_order not in MODELLED_SECOND_ORDER:
-            out.append(
-                f"--second-order {self.second_order}: the memory model covers "
-                f"{' and '.join(MODELLED_SECOND_ORDER)}; exact and hvp keep autograd graphs of "
-                "the inner steps whose size depends on the attention kernel (not modelled)"
-            )
-        return out
-
-    def validate(self) -> MemorySetup:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
-        return self
 
 
 # --------------------------------------------------------------------------------------------

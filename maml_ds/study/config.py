@@ -81,10 +81,10 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "fomaml-2-1": Recipe(300, 3e-4, 3e-4, schedule="constant", validate_every=50),
     },
     "quick": {
-        "metaicl": Recipe(4, 1e-4, validate_every=2),
-        "maml-2-1": Recipe(2, 1e-4, 1e-4, validate_every=1),
+        "metaicl": Recipe(4, 1e-4, validate_every=4),
+        "maml-2-1": Recipe(2, 1e-4, 1e-4, validate_every=2),
         "maml-2-4": Recipe(1, 1e-4, 1e-4, validate_every=1),
-        "fomaml-2-1": Recipe(2, 1e-4, 1e-4, validate_every=1),
+        "fomaml-2-1": Recipe(2, 1e-4, 1e-4, validate_every=2),
     },
     "paper": {  # sec. 4.3: 50k steps, lr 1e-5, alpha = beta = 1e-5
         "metaicl": _METAICL_PAPER,

@@ -38,7 +38,6 @@ from maml_ds.training.progress import TrainProgress
 from maml_ds.training.state import StepStats, TrainContext, TrainState
 from maml_ds.training.stop import NonFiniteStop, Preempted, PreemptionWatch
 from maml_ds.training.validation import BEST_DIR, ValidationSet, swap_in, write_curve
-from maml_ds.training.zero_layout import write_monitor_events
 
 __all__ = [
     "CHECKPOINTS",
@@ -58,6 +57,7 @@ __all__ = [
     "setup",
     "step_function",
     "train",
+    "write_monitor_events",
 ]
 
 CONFIG_FILE, CHECKPOINTS = run_record.CONFIG_FILE, run_record.CHECKPOINTS
@@ -317,6 +317,15 @@ def fit(
             soft_wrap=True,
         )
     return history
+
+
+def write_monitor_events(engine, step: int, values: dict[str, float]) -> None:
+    """`Train/<name>` events to the monitors of the DeepSpeed config (rank 0 only), through
+    DeepSpeed's documented `engine.monitor.write_events`."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not monitor.enabled or not D.is_main():
+        return
+    monitor.write_events([(f"Train/{k}", float(v), step) for k, v in values.items()])
 
 
 def score_validation(ctx: TrainContext) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ __all__ = [
     "restore_optimizer_state",
     "set_learning_rate_zero",
     "snapshot_optimizer_state",
-    "write_monitor_events",
     "zero_gradients",
 ]
 
@@ -98,29 +98,23 @@ def zero_gradients(engine, stage: int) -> None:
         g.zero_()
 
 
-def _host_copy(t: Tensor) -> Tensor:
-    """`t` copied into host memory (pinned, asynchronous from a GPU; ordered on its stream)."""
-    if t.device.type == "cpu":
+def _copy(t: Tensor, host: bool) -> Tensor:
+    """`t` cloned; with `host`, into pinned host memory (asynchronous from a GPU)."""
+    if not host or t.device.type == "cpu":
         return t.clone()
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    return host.copy_(t, non_blocking=True)
+    pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return pinned.copy_(t, non_blocking=True)
 
 
 def snapshot_optimizer_state(engine, *, host: bool = False) -> dict[Tensor, dict[str, Any]]:
     """A copy of this rank's whole client-optimizer state (moments, step counts), keyed by the
     tensors it is kept for (parameters at ZeRO-0, this rank's flat partitions at ZeRO 1-3);
     `host`: in host memory (no device memory; restoring copies it back)."""
-    state = client_optimizer(engine).state
-    if host:
-        with host_side():
-            return {
-                owner: {k: _host_copy(v) if isinstance(v, Tensor) else v for k, v in e.items()}
-                for owner, e in state.items()
-            }
-    return {
-        owner: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
-        for owner, entry in state.items()
-    }
+    with host_side() if host else nullcontext():
+        return {
+            owner: {k: _copy(v, host) if isinstance(v, Tensor) else v for k, v in entry.items()}
+            for owner, entry in client_optimizer(engine).state.items()
+        }
 
 
 @torch.no_grad()
@@ -139,14 +133,6 @@ def restore_optimizer_state(engine, snapshot: Mapping[Tensor, Mapping[str, Any]]
                 entry[key].copy_(value)
             else:
                 entry[key] = value
-
-
-def write_monitor_events(engine, step: int, values: Mapping[str, float]) -> None:
-    """`Train/<name>` events to the monitors of the DeepSpeed config (rank 0 only)."""
-    monitor = getattr(engine, "monitor", None)
-    if monitor is None or not monitor.enabled or not D.is_main():
-        return
-    monitor.write_events([(f"Train/{k}", float(v), step) for k, v in values.items()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,13 +537,9 @@ def checkpoint_client_state(tag_dir: Path) -> dict[str, Any] | None:
 # ZeRO-3 sharded passes (training/sharded.py): a parameter point written into the shards, the
 # reduced gradient partition read back. Nothing full-size is built here.
 # --------------------------------------------------------------------------------------------
-# The shards are each parameter's `ds_tensor` (model dtype); the fp32 master is separate
-# storage. Parameters under `stage3_param_persistence_threshold` stay gathered between passes,
-# so a write to their shard alone would be invisible: every full copy is released first and the
-# persistent ones are gathered again after the write (as ZeRO-3's own post-step does). The
-# gradients are read and written through DeepSpeed's public partition API
-# (`deepspeed.utils.safe_get_local_grad` / `safe_set_local_grad`): each parameter's shard of
-# the gradient averaged over ranks.
+# Shards: each parameter's `ds_tensor`; persistent (small) parameters are released before a
+# write and gathered again after it. Gradients: DeepSpeed's public `safe_get_local_grad` /
+# `safe_set_local_grad` (each shard of the rank-averaged gradient). docs/engine.md.
 
 
 def _zero3_params(layout: PartitionLayout) -> list[list[Tensor]]:

@@ -39,7 +39,8 @@ def test_metaicl_loss_falls(synth_dir, tokenizer_dir, tmp_path, variant):
     [
         # MetaICL at ZeRO-2 is also resumed after a SIGKILL in test_preemption.py (default suite)
         pytest.param("metaicl", "2", marks=pytest.mark.slow),
-        ("maml-2-2", "1"),
+        # the same 1-rank maml-2-2 stop + resume is test_run_record's resume-alone test
+        pytest.param("maml-2-2", "1", marks=pytest.mark.slow),
     ],
 )
 def test_resume_continues_exactly(synth_dir, tokenizer_dir, tmp_path, method, zero):

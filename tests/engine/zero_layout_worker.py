@@ -19,6 +19,7 @@ from maml_ds import distributed as D
 from maml_ds.config import RunConfig
 from maml_ds.training import CHECKPOINTS, save_checkpoint, setup, step_function
 from maml_ds.training import zero_layout as Z
+from maml_ds.training.loop import write_monitor_events
 
 
 def module_parameters(engine, stage: int) -> dict[str, torch.Tensor]:
@@ -52,7 +53,7 @@ def check_stage(data: str, tokenizer: str, out: Path, stage: int) -> dict:
     # The shared moments are keyed by exactly the tensors the layout names as their owners.
     owners = {id(t) for t in layout.state_owners()}
     result["state_keyed_by_owners"] = {id(t) for t in layout.opt.state} == owners
-    Z.write_monitor_events(ctx.engine, 1, {"loss": 1.0})
+    write_monitor_events(ctx.engine, 1, {"loss": 1.0})
     ctx.state.step = 1
     tag_dir = save_checkpoint(ctx)
     full = module_parameters(ctx.engine, stage)
