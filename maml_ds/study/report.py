@@ -16,6 +16,7 @@ from typing import Any
 
 from maml_ds.eval.metrics import WinRate, win_rate
 from maml_ds.eval.results import RESULT_FORMAT, paper_order
+from maml_ds.study.config import is_synthetic_suite
 from maml_ds.study.plan import Plan, ResultRef
 from maml_ds.training.validation import VALIDATION_FILE
 
@@ -182,7 +183,7 @@ def gather(plan: Plan) -> StudySummary:
     part_order = list(PART_TITLES)
     rows.sort(key=lambda r: (part_order.index(r.part), paper_order(r.ref.label)))
     summary.rows = rows
-    synthetic = _is_synthetic(plan)
+    synthetic = is_synthetic_suite(str(_data_folder(plan)))
     for part in summary.parts():
         in_part = [r for r in rows if r.part == part]
         summary.win_rates[part] = _win_rates(in_part)
@@ -241,13 +242,12 @@ def _over_no_icl(summary: StudySummary) -> list[str]:
 def _no_icl_check(plan: Plan, rows: list[ResultRow]) -> list[str]:
     """The suite's check: a test task whose No-ICL score is well above chance is answerable
     from its input alone (synthetic suite only)."""
-    if not _is_synthetic(plan):
+    folder = _data_folder(plan)
+    if not is_synthetic_suite(str(folder)):
         return []
     from maml_ds.data.synth import no_icl_problems
     from maml_ds.data.tasks import DataError
 
-    data = plan.config.data_dir
-    folder = Path(data).expanduser() if data is not None else plan.out_dir / "data"
     scores: dict[str, float] = {}
     for r in rows:
         if r.ref.baseline == "no-icl":
@@ -260,10 +260,10 @@ def _no_icl_check(plan: Plan, rows: list[ResultRow]) -> list[str]:
     return [f"suite check: {p}" for p in problems]
 
 
-def _is_synthetic(plan: Plan) -> bool:
+def _data_folder(plan: Plan) -> Path:
+    """The study's data folder: --data, or the synthetic suite it wrote."""
     data = plan.config.data_dir
-    folder = Path(data).expanduser() if data is not None else plan.out_dir / "data"
-    return (folder / "synthetic_suite.json").is_file()
+    return Path(data).expanduser() if data is not None else plan.out_dir / "data"
 
 
 def _win_rates(rows: list[ResultRow]) -> dict[str, dict[str, WinRate]]:

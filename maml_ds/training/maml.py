@@ -29,7 +29,7 @@ from maml_ds.losses import scored_loss_sum
 from maml_ds.meta.gradient import LossFn, meta_gradient
 from maml_ds.meta.precision import UpdateRounding, inner_update_kept
 from maml_ds.training.sharded import ShardedPasses, uses_sharded_path
-from maml_ds.training.state import StepStats, TrainContext, local_task_batch
+from maml_ds.training.state import StepStats, TrainContext, fresh_tasks, local_task_batch
 from maml_ds.training.zero_layout import PartitionLayout, set_learning_rate_zero
 
 __all__ = ["MamlStep", "build_task_sampler", "make_loss_fn"]
@@ -44,17 +44,9 @@ INNER_KEPT_WARNING = 0.5
 def build_task_sampler(cfg: RunConfig, tasks: dict[str, list[Example]], tokenizer: Any) -> Any:
     """MAML's task stream: tasks of the setting's files, or one fresh synthetic task each."""
     if cfg.data.tasks == "fresh":
-        from maml_ds.data.fresh import FreshTasks, FreshTaskSampler
+        from maml_ds.data.fresh import FreshTaskSampler
 
-        return FreshTaskSampler(
-            FreshTasks.from_suite(
-                cfg.data.data_dir,
-                setting=cfg.data.setting,
-                seed=cfg.seed,
-                k=cfg.data.num_demonstrations,
-                copy_share=cfg.data.copy_share,
-            )
-        )
+        return FreshTaskSampler(fresh_tasks(cfg))
     return TaskSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
 
 

@@ -20,7 +20,13 @@ from maml_ds.data.prompts import EncodedPrompt, collate
 from maml_ds.data.reader import Example
 from maml_ds.data.sampler import MetaICLSampler
 from maml_ds.losses import scored_loss_sum
-from maml_ds.training.state import StepStats, TrainContext, encode_prompts, num_loss_tokens
+from maml_ds.training.state import (
+    StepStats,
+    TrainContext,
+    encode_prompts,
+    fresh_tasks,
+    num_loss_tokens,
+)
 from maml_ds.training.zero_layout import (
     gradients_are_finite,
     restore_optimizer_state,
@@ -35,17 +41,9 @@ __all__ = ["build_prompt_sampler", "metaicl_step", "scored_token_sum", "token_me
 def build_prompt_sampler(cfg: RunConfig, tasks: dict[str, list[Example]], tokenizer: Any) -> Any:
     """The prompt stream: the setting's task files, or a fresh synthetic task per prompt."""
     if cfg.data.tasks == "fresh":
-        from maml_ds.data.fresh import FreshPromptSampler, FreshTasks
+        from maml_ds.data.fresh import FreshPromptSampler
 
-        return FreshPromptSampler(
-            FreshTasks.from_suite(
-                cfg.data.data_dir,
-                setting=cfg.data.setting,
-                seed=cfg.seed,
-                k=cfg.data.num_demonstrations,
-                copy_share=cfg.data.copy_share,
-            )
-        )
+        return FreshPromptSampler(fresh_tasks(cfg))
     return MetaICLSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "TrainContext",
     "TrainState",
     "encode_prompts",
+    "fresh_tasks",
     "local_task_batch",
     "num_loss_tokens",
 ]
@@ -73,6 +74,19 @@ class TrainContext:
     out_dir: Path
     validation: Any = None
     """The validation tasks (training/validation.ValidationSet) with --validate-every."""
+
+
+def fresh_tasks(cfg: RunConfig) -> Any:
+    """The run's stream of fresh synthetic tasks (`--tasks fresh`, maml_ds/data/fresh.py)."""
+    from maml_ds.data.fresh import FreshTasks
+
+    return FreshTasks.from_suite(
+        cfg.data.data_dir,
+        setting=cfg.data.setting,
+        seed=cfg.seed,
+        k=cfg.data.num_demonstrations,
+        copy_share=cfg.data.copy_share,
+    )
 
 
 def encode_prompts(ctx: TrainContext, prompts: list[PromptSpec]) -> list:
