@@ -82,6 +82,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--keep-support-gradients", type=int, default=None,
+        help="hvp-fd, k >= 2: support gradients kept (RunConfig.meta; default k - 1)",
+    )  # fmt: skip
+    p.add_argument(
         "--gather", action="store_true",
         help="ZeRO-3 MAML through the gather path (the reference) instead of the sharded one",
     )  # fmt: skip
@@ -114,6 +118,7 @@ def bench_config(method: str, args: argparse.Namespace, fixture, out: Path) -> R
     setup = MemorySetup(
         method=method, zero_stage=args.zero, precision=args.precision, seq_len=args.seq_len,
         micro_batch_size=args.micro_batch_size, reduce_bucket_size=MEASURE_BUCKET,
+        keep_support_gradients=args.keep_support_gradients,
     )  # fmt: skip
     cfg = measure_run_config(setup, fixture, out, model=args.model, seed=args.seed)
     cfg.max_steps = 10**6
@@ -324,6 +329,7 @@ def memory(args, fixture, work: Path) -> list[dict[str, Any]]:
                 method=method, zero_stage=args.zero, precision=args.precision,
                 gpus_per_node=D.world_size(), seq_len=args.seq_len,
                 micro_batch_size=args.micro_batch_size, reduce_bucket_size=MEASURE_BUCKET,
+                keep_support_gradients=args.keep_support_gradients,
             )  # fmt: skip
             report = build_report(facts, setup)
             rows.append(

@@ -2,8 +2,8 @@
 
 MetaICL step: forward + backward + SharedMomentAdamW step on one batch. MAML-2k-1 step:
 `meta_gradient` on k support + k query batches (AdamW inner steps on the shared moments;
-hvp-fd keeps g_S(theta_0) from the forward pass, as the engine does: --keep-support-gradients),
-moments written back,
+hvp-fd keeps the support gradients from the forward pass, k - 1 of them as the engine does by
+default: --keep-support-gradients), moments written back,
 outer step; it processes 2k batches. The ratio printed is
 
     (median seconds per MAML step / 2k) / (median seconds per MetaICL step)
@@ -14,7 +14,7 @@ measured in one run on the same batches, methods interleaved within each repeat.
     python bench/meta_step.py --size larger     # 6 x 256 GPT-2
     python bench/meta_step.py --threads 2 --k 2
     python bench/meta_step.py --memory          # peak live tensor bytes vs k, per mode
-    python bench/meta_step.py --k 4 --keep-support-gradients 3   # no replay pass at all
+    python bench/meta_step.py --k 4 --keep-support-gradients 1   # g_S(theta_0) kept only
 
 Not a test: targets (first-order <= 1.05x, hvp-fd one-sided <= 1.6x) are reported, not asserted.
 """
@@ -32,6 +32,7 @@ from torch.func import functional_call
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging
 
+from maml_ds.config import kept_support_gradients
 from maml_ds.meta import LiveTensorBytes, SharedMomentAdamW, meta_gradient
 
 SIZES: dict[str, dict[str, int]] = {
@@ -129,7 +130,8 @@ def time_modes(args: argparse.Namespace, device: torch.device) -> None:
         opt = SharedMomentAdamW(model.parameters(), lr=1e-5)
         steps[label] = maml_step(
             model, opt, batches[: args.k], batches[args.k :], second_order=second_order,
-            fd_mode=fd_mode, inner_lr=args.inner_lr, keep=args.keep_support_gradients,
+            fd_mode=fd_mode, inner_lr=args.inner_lr,
+            keep=kept_support_gradients(args.keep_support_gradients, args.k),
         )  # fmt: skip
 
     for step in steps.values():
@@ -223,10 +225,10 @@ def main() -> None:
     parser.add_argument(
         "--keep-support-gradients",
         type=int,
-        default=1,
+        default=None,
         help="hvp-fd, k >= 2: support gradients kept from the forward pass for the reverse pass "
-        "(meta_gradient's keep_support_gradients; 1 = g_S(theta_0), as the engine; k - 1: no "
-        "replay pass; 0: every one recomputed)",
+        "(meta_gradient's keep_support_gradients; default k - 1, as the engine: no support pass "
+        "in any replay; 1 = g_S(theta_0) only; 0: every one recomputed)",
     )
     parser.add_argument(
         "--memory", action="store_true", help="print peak live tensor bytes vs k instead of times"

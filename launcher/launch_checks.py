@@ -112,7 +112,9 @@ def memory_note(plan: LaunchPlan) -> str | None:
                 micro_batch_size=cfg.deepspeed.micro_batch_size,
                 second_order=cfg.meta.second_order,
                 attn_implementation=cfg.model.attn_implementation,
+                activation_checkpointing=cfg.model.activation_checkpointing,
                 reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
+                keep_support_gradients=cfg.meta.keep_support_gradients,
             ),
         )
     except (ConfigError, OSError, ValueError):

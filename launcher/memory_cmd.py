@@ -73,6 +73,14 @@ def print_summary(report, console: Console, preset: str | None = None) -> None:
         for name, size in cards.items()
     ]
     console.print("fits: " + ", ".join(fits), highlight=False)
+    if report.host_bytes:
+        kept = s.kept_support_gradients
+        console.print(
+            f"host memory per GPU (pinned): {report.host_bytes / GB:.2f} GB (moment snapshot"
+            + (f", {kept} kept support gradient{'s' * (kept > 1)}" if kept else "")
+            + ")",
+            highlight=False,
+        )
     largest = max(report.rows, key=lambda r: r.bytes)
     line = f"largest term: {largest.label} {largest.bytes / GB:.2f} GB"
     shrink = _shrink(report)
@@ -282,6 +290,9 @@ def memory(
     reduce_bucket_size: Annotated[int, typer.Option(help="DeepSpeed reduce bucket (elements)")] = (
         50_000_000
     ),
+    keep_support_gradients: Annotated[
+        int | None, typer.Option(help="hvp-fd, k >= 2: support gradients kept (default k - 1)")
+    ] = None,
     vocab_size: Annotated[int | None, typer.Option(help="vocabulary of the tiny built-ins")] = None,
     do_measure: Annotated[
         bool,
@@ -317,6 +328,7 @@ def memory(
             attn_implementation=attn,  # type: ignore[arg-type]
             activation_checkpointing=activation_checkpointing,
             reduce_bucket_size=reduce_bucket_size,
+            keep_support_gradients=keep_support_gradients,
         ).validate()
         if preset is not None and preset not in GPU_CARDS:
             raise ConfigError([f"--preset must be one of {', '.join(GPU_CARDS)}, got {preset!r}"])

@@ -21,6 +21,7 @@ from maml_ds.meta.gradient import FdMode, SecondOrder
 from maml_ds.meta.optim import OptimizerName
 
 Precision = Literal["fp32", "fp16", "bf16"]
+AdaptedRounding = Literal["nearest", "stochastic"]
 ZERO_STAGES = (0, 1, 2, 3)
 Variant = Literal["direct", "channel"]
 PromptLayout = Literal["newlines", "spaces"]
@@ -240,6 +241,21 @@ class MetaConfig:
     shared_moments: bool = True
     """Inner and outer AdamW share their moments (--no-shared-moments: fresh inner state per
     meta-update)."""
+    keep_support_gradients: int | None = None
+    """hvp-fd, k >= 2: support gradients kept from the inner steps for the reverse pass (one
+    fp32 partition each; host memory on the ZeRO-3 sharded path): fewer support passes, the same
+    meta-gradient. Default k - 1, all (3k passes per task); 1 keeps g_S(theta_0) only."""
+    adapted_rounding: AdaptedRounding = "nearest"
+    """bf16/fp16 MAML: how the adapted parameters (fp32) are rounded into the forward's dtype:
+    nearest, or stochastic (unbiased: a sub-ulp inner step survives in expectation; the draws
+    are fixed per batch, so every pass on one batch rounds alike). docs/memory.md."""
+
+
+def kept_support_gradients(keep: int | None, num_inner_steps: int) -> int:
+    """How many support gradients an hvp-fd task of k inner steps keeps for `keep` (the
+    --keep-support-gradients setting; None: all): at most k - 1."""
+    most = max(num_inner_steps - 1, 0)
+    return most if keep is None else min(keep, most)
 
 
 @dataclass
@@ -401,10 +417,19 @@ class RunConfig:
         ):
             if value not in get_args(OptimizerName):
                 out.append(f"{flag} must be sgd or adamw, got {value!r}")
+        if m.adapted_rounding not in get_args(AdaptedRounding):
+            out.append(
+                f"--adapted-rounding must be nearest or stochastic, got {m.adapted_rounding!r}"
+            )
         if m.fd_mode not in get_args(FdMode):
             out.append(f"--fd-mode must be one-sided or central, got {m.fd_mode!r}")
         if m.fd_scale is not None and not 0.0 < m.fd_scale < 1.0:
             out.append(f"--fd-scale must be in (0, 1), got {m.fd_scale}")
+        if m.keep_support_gradients is not None and m.keep_support_gradients < 0:
+            out.append(
+                f"--keep-support-gradients must be >= 0 (default k - 1), "
+                f"got {m.keep_support_gradients}"
+            )
         out.extend(deepspeed_problems(ds.zero_stage, ds.precision))
         if ds.config_file is not None and not Path(ds.config_file).is_file():
             out.append(f"--deepspeed-config {ds.config_file} does not exist")

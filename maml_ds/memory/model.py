@@ -295,15 +295,28 @@ def _moment_gather(facts: ModelFacts, setup: MemorySetup) -> float:
 def _hvp_vectors(facts: ModelFacts, setup: MemorySetup) -> float:
     # hvp-fd, one-sided: g_S(theta_j) and u, fp32 partitions (the engine copies the partition's
     # gradient out of the full-size flat gradient); w = D_j u is made in D_j's storage and the
-    # FD point theta_j + eps w in w's (the adapted-copy row). For k >= 2 also g_S(theta_0), kept
-    # from the forward pass for the replays and the last reverse step; for k >= 3 the replays
-    # hold theta_j and its AdamW state (new at step 0) beside it. Measured (measure-4x256):
-    # gather path k = 1, 2, >= 3: 2, 3, 4 partitions (2, 3, 3.4 fewer measured than before
-    # issue 11, when D_j and w had storages of their own); sharded path 2, 3 (0.5 over), 4.
+    # FD point theta_j + eps w in w's (the adapted-copy row). For k >= 3 the replays hold
+    # theta_j and its AdamW state (new at step 0) beside them. The c kept support gradients
+    # (--keep-support-gradients, default k - 1) are device partitions on the gather path; the
+    # sharded path keeps them in host memory (`host_bytes`) and loads one at a time. Measured
+    # (measure-4x256, seq 128, fp32, 1 rank): gather path k = 2: 2 + c partitions (c = 0, 1);
+    # k = 4: 3 + c for c = 0, 1, and 1.4 (not 2) more for c = 3, so 3 + c over-predicts by 6%
+    # there; sharded path 2, 3, 4 for k = 1, 2, >= 3 whatever c (c = 0 measured equal).
     if setup.effective_second_order != "hvp-fd":
         return 0.0
     k = setup.method_spec.num_inner_steps
-    return (2 if k == 1 else 3 if k == 2 else 4) * _partition(facts, setup)
+    base = 2 if k <= 2 else 3
+    if sharded_path(setup):
+        return (base + (k >= 2)) * _partition(facts, setup)
+    return (base + setup.kept_support_gradients) * _partition(facts, setup)
+
+
+def host_bytes(facts: ModelFacts, setup: MemorySetup) -> float:
+    """Pinned host memory per rank that a GPU run adds (not in the device peak): on the sharded
+    path the moment snapshot (m, v of the partition) and the kept support gradients."""
+    if not sharded_path(setup):
+        return 0.0
+    return (2 + setup.kept_support_gradients) * _partition(facts, setup)
 
 
 def _gathered_parameters(facts: ModelFacts, setup: MemorySetup) -> float:
@@ -417,8 +430,9 @@ COMPONENTS: tuple[Component, ...] = (
         "hvp_vectors", "hvp-fd vectors g_S, u", LOSS_PHASES,
         _hvp_vectors,
         "one-sided finite differences: g_S(theta_j) and u, fp32 partitions (2 x 4P/W; D_j u is "
-        "made in D_j's storage, the FD point in D_j u's); k = 2: 3 with the kept "
-        "g_S(theta_0), k >= 3: 4 with the replays' theta_j and AdamW state",
+        "made in D_j's storage, the FD point in D_j u's); k >= 3: the replays' theta_j and "
+        "AdamW state; the c kept support gradients (default k - 1; the sharded path keeps them "
+        "in host memory and loads one at a time)",
         methods=("maml",),
     ),
     Component(

@@ -23,6 +23,7 @@ from maml_ds.memory.model import (
     MemorySetup,
     Phase,
     PhaseSpec,
+    host_bytes,
 )
 
 
@@ -59,6 +60,8 @@ class MemoryReport:
     """The transient phase the predicted peak falls in."""
     vs_num_tasks: list[dict[str, int]]
     """Paper formula and maml-ds's predicted peak for n = 1..max (MAML) or flat (MetaICL)."""
+    host_bytes: int = 0
+    """Pinned host memory per rank beside the device peak (`maml_ds.memory.model.host_bytes`)."""
     measured: list[dict[str, Any]] = field(default_factory=list)
     measure_error: str | None = None
     """Why --measure could not run this setup (e.g. the engine refuses it), if it could not."""
@@ -225,6 +228,7 @@ def build_report(facts: ModelFacts, setup: MemorySetup, *, max_tasks: int = 8) -
         phase_bytes=phases,
         peak_phase=peak_phase,
         vs_num_tasks=vs_n,
+        host_bytes=int(host_bytes(facts, setup)),
         notes=notes,
     )
 

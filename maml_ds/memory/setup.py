@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maml_ds.config import ConfigError, MethodSpec, Precision, deepspeed_problems, parse_method
+from maml_ds.config import (
+    ConfigError,
+    MethodSpec,
+    Precision,
+    deepspeed_problems,
+    kept_support_gradients,
+    parse_method,
+)
 from maml_ds.memory.facts import DTYPE_BYTES
 
 __all__ = ["MODELLED_SECOND_ORDER", "MemorySetup"]
@@ -37,6 +44,15 @@ class MemorySetup:
     """Each layer's activations recomputed in the backward (RunConfig.model)."""
     reduce_bucket_size: int = 50_000_000
     """DeepSpeed's gradient-reduction bucket (elements), as in RunConfig.deepspeed."""
+    keep_support_gradients: int | None = None
+    """hvp-fd, k >= 2: support gradients kept for the reverse pass (RunConfig.meta; None: k - 1)."""
+
+    @property
+    def kept_support_gradients(self) -> int:
+        """The support gradients a task keeps (hvp-fd, at most k - 1; else 0)."""
+        if self.effective_second_order != "hvp-fd":
+            return 0
+        return kept_support_gradients(self.keep_support_gradients, self.method_spec.num_inner_steps)
 
     @property
     def world_size(self) -> int:
@@ -76,6 +92,8 @@ class MemorySetup:
             out.append(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.micro_batch_size < 1:
             out.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.keep_support_gradients is not None and self.keep_support_gradients < 0:
+            out.append(f"--keep-support-gradients must be >= 0, got {self.keep_support_gradients}")
         if self.attn_implementation not in ("eager", "sdpa"):
             out.append(f"--attn must be eager or sdpa, got {self.attn_implementation!r}")
         if self.second_order not in MODELLED_SECOND_ORDER:

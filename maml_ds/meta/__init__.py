@@ -10,8 +10,9 @@
 - `SharedMomentAdamW`: the optimizer whose AdamW moments the inner and outer steps share.
 - `SecondOrder`, `FdMode`, `OptimizerName`: the mode and optimizer names (RunConfig uses them).
 - `LiveTensorBytes`: exact live-tensor memory accounting (peak) on any device; `host_side`
-  marks what a GPU run keeps in host memory.
-- `inner_update_kept`: what share of an inner step survives rounding into a 16-bit forward.
+  marks what a GPU run keeps in host memory, `host_copy` puts a tensor there.
+- `inner_update_kept`: what share of an inner step survives rounding into a 16-bit forward;
+  `stochastic_round`, `stochastic_round_ste`: unbiased rounding into bf16/fp16 (E = x).
 """
 
 from maml_ds.meta.gradient import (
@@ -36,7 +37,7 @@ from maml_ds.meta.gradient import (
     reverse_step,
     support_gradient,
 )
-from maml_ds.meta.live_bytes import LiveTensorBytes, host_side
+from maml_ds.meta.live_bytes import LiveTensorBytes, host_copy, host_side
 from maml_ds.meta.optim import (
     OPTIMIZER_NAMES,
     AdamWMoments,
@@ -47,7 +48,12 @@ from maml_ds.meta.optim import (
     adamw_update,
     sgd_update,
 )
-from maml_ds.meta.precision import UpdateRounding, inner_update_kept
+from maml_ds.meta.precision import (
+    UpdateRounding,
+    inner_update_kept,
+    stochastic_round,
+    stochastic_round_ste,
+)
 
 __all__ = [
     "FD_MODES",
@@ -69,6 +75,7 @@ __all__ = [
     "adamw_precondition",
     "adamw_update",
     "default_fd_scale",
+    "host_copy",
     "fd_epsilon",
     "finite_difference_hvp",
     "inner_precondition",
@@ -81,5 +88,7 @@ __all__ = [
     "query_gradient",
     "reverse_step",
     "sgd_update",
+    "stochastic_round",
+    "stochastic_round_ste",
     "support_gradient",
 ]

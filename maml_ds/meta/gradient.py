@@ -43,6 +43,9 @@ HvpFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 """w -> H w, the Hessian of a fixed (support) loss at a fixed point times w."""
 NormFn = Callable[[Params], float]
 """The L2 norm of a dict of tensors (all-reduced over ranks by a partitioned caller)."""
+KeepFn = Callable[[dict[str, Tensor]], Callable[[], dict[str, Tensor]]]
+"""Stores a kept support gradient; returns the function that gives it back (e.g. a copy in
+host memory, loaded to the device again at each use). Default: the tensors themselves."""
 
 SecondOrder = Literal["exact", "hvp", "hvp-fd", "first-order"]
 SECOND_ORDER_MODES: tuple[SecondOrder, ...] = ("exact", "hvp", "hvp-fd", "first-order")
@@ -559,6 +562,7 @@ def meta_gradient(
     fd_scale: float | None = None,
     norm_fn: NormFn | None = None,
     keep_support_gradients: int = 0,
+    keep_fn: KeepFn | None = None,
     moments_in_place: bool = False,
 ) -> MetaGradient:
     """Meta-gradient of one task: d L_Q(theta_k(theta)) / d theta after k inner steps.
@@ -603,6 +607,8 @@ def meta_gradient(
             support gradients g_S(theta_0) .. g_S(theta_(c-1)) from the forward pass for the
             replays and their reverse steps (c parameter-sized copies alive; c = 1 saves k - 1
             passes per task, c = k - 1 every replay pass: 3k passes; the result is the same).
+        keep_fn: where the kept support gradients live (`KeepFn`; default: as they are). Each
+            is asked for once per replay that starts from it and once for its reverse step.
         moments_in_place: the inner steps update `adam_state`'s own tensors (e.g. the
             optimizer's live moments: two parameter-sized vectors fewer, nothing to write back);
             the result's adam_state holds those tensors. With k >= 2 the second-order modes keep
@@ -654,7 +660,8 @@ def meta_gradient(
     return _recursive(
         loss_fn, theta0, state0, support, query, config,
         second_order=second_order, fd_mode=fd_mode, fd_scale=fd_scale, norm_fn=norm_fn,
-        num_kept=keep_support_gradients, moments_in_place=moments_in_place,
+        num_kept=keep_support_gradients, keep_fn=keep_fn or _kept_as_is,
+        moments_in_place=moments_in_place,
     )  # fmt: skip
 
 
@@ -697,15 +704,15 @@ def _replay(
     batches: list[Any],
     rngs: list[RngSnapshot],
     config: InnerStepConfig,
-    kept: Sequence[SupportGradient] = (),
+    kept: Sequence[Callable[[], dict[str, Tensor]]] = (),
 ) -> tuple[dict[str, Tensor], AdamWState | None]:
     """theta_j and the AdamW state before step j, recomputed from theta_0 over `batches`
-    (step i from `kept[i]`, the support gradient at theta_i kept by the forward pass, when
+    (step i from `kept[i]()`, the support gradient at theta_i kept by the forward pass, when
     there is one)."""
     theta, state = theta0, state0
     for i, (batch, rng) in enumerate(zip(batches, rngs, strict=True)):
         if i < len(kept):
-            grads = kept[i].grads
+            grads = kept[i]()
         else:
             grads = support_gradient(loss_fn, theta, batch, rng=rng).grads
         # Step 0 reads the caller's theta_0 / state_0; later steps overwrite working copies.
@@ -714,6 +721,10 @@ def _replay(
         )
         del grads  # not alive through the next support pass
     return theta, state
+
+
+def _kept_as_is(grads: dict[str, Tensor]) -> Callable[[], dict[str, Tensor]]:
+    return lambda: grads
 
 
 def _support_grads_only(
@@ -732,6 +743,7 @@ def _forward(
     keep_last: bool,
     last_graph: bool,
     num_kept: int = 0,
+    keep_fn: KeepFn = _kept_as_is,
     moments_in_place: bool = False,
 ) -> tuple[
     dict[str, Tensor],
@@ -739,7 +751,7 @@ def _forward(
     list[Tensor],
     list[RngSnapshot],
     tuple[dict[str, Tensor], SupportGradient, AdamWState | None] | None,
-    list[SupportGradient],
+    list[Callable[[], dict[str, Tensor]]],
 ]:
     """The k inner steps without graphs: (theta_k, state_k, support losses, RNG states, last,
     kept).
@@ -747,13 +759,14 @@ def _forward(
     `last` = (theta_(k-1), its support gradient, the state after step k-1) for the reverse pass
     (None if not `keep_last` or k = 0); with `last_graph` that support gradient keeps its graph
     for an exact HVP. `kept` = the support gradients at theta_0 .. theta_(c-1), c = min(num_kept,
-    k - 1): the replays and the reverse steps j < c start from them (one partition-sized copy
-    each instead of support passes). `moments_in_place`: step 0 updates `state0` itself.
+    k - 1), stored by `keep_fn`: the replays and the reverse steps j < c start from them (one
+    partition-sized copy each instead of support passes). `moments_in_place`: step 0 updates
+    `state0` itself.
     """
     theta, state = theta0, state0
     losses, rngs = [], []
     last = None
-    kept: list[SupportGradient] = []
+    kept: list[Callable[[], dict[str, Tensor]]] = []
     for j, batch in enumerate(support):
         is_last = j == len(support) - 1
         rngs.append(RngSnapshot.capture())
@@ -773,7 +786,7 @@ def _forward(
         if keep:
             last = (theta_j, sg, state)
         if j < num_kept and not is_last:
-            kept.append(sg)
+            kept.append(keep_fn(sg.grads))
         del sg, theta_j  # not alive through the next support pass (unless kept above)
     return theta, state, losses, rngs, last, kept
 
@@ -791,6 +804,7 @@ def _recursive(
     fd_scale: float | None,
     norm_fn: NormFn | None = None,
     num_kept: int = 0,
+    keep_fn: KeepFn = _kept_as_is,
     moments_in_place: bool = False,
 ) -> MetaGradient:
     """`hvp`, `hvp-fd` and `first-order`: forward pass, then the reverse recursion.
@@ -808,7 +822,7 @@ def _recursive(
         loss_fn, theta0, state0, support, config, keep_last=second_order != "first-order",
         last_graph=exact_hvp,
         num_kept=num_kept if second_order == "hvp-fd" and needs_grad_at_theta else 0,
-        moments_in_place=moments_in_place,
+        keep_fn=keep_fn, moments_in_place=moments_in_place,
     )  # fmt: skip
     query_loss, u = query_gradient(loss_fn, theta_k, query)
     del theta_k  # not needed any more
@@ -817,33 +831,37 @@ def _recursive(
 
     # Reverse recursion, j = k-1 .. 0; step j needs theta_j, g_Sj(theta_j) and D_j.
     for j in reversed(range(num_steps)):
-        sg_j: SupportGradient | None
+        hvp_j: HvpFn | None = None  # "hvp": the exact HVP at theta_j
+        grads_j: dict[str, Tensor] | None = None  # g_Sj(theta_j), where a mode needs it
         if last is not None:
             theta_j, sg_j, state_after = last
+            grads_j, hvp_j = sg_j.grads, sg_j.hvp
             last = None
+            del sg_j
         else:
             theta_j, state_j = _replay(
                 loss_fn, theta0, replay_state0, support[:j], rngs[:j], config, kept=kept,
             )  # fmt: skip
-            sg_j = None
             if j < len(kept):  # kept from the forward pass (hvp-fd, k >= 2); later steps
-                sg_j = kept.pop()  # (smaller j) replay only the ones before it
+                grads_j = kept.pop()()  # (smaller j) replay only the ones before it
             elif needs_grad_at_theta:
                 sg_j = support_gradient(
                     loss_fn, theta_j, support[j], create_graph=exact_hvp, rng=rngs[j]
                 )
+                grads_j, hvp_j = sg_j.grads, sg_j.hvp
+                del sg_j
             state_after = None
             if state_j is not None:
-                assert sg_j is not None
-                state_after = _moments_after(sg_j.grads, state_j, config, in_place=j > 0)
+                assert grads_j is not None
+                state_after = _moments_after(grads_j, state_j, config, in_place=j > 0)
             del state_j
         # w = D_j u without D_j kept whole; the FD point theta_j + eps w then overwrites w
         # (AdamW: w is ours; SGD: w is u), and u's update overwrites H w.
         w = preconditioned_direction(u, state_after, config)
         del state_after
         if exact_hvp:
-            assert sg_j is not None and sg_j.hvp is not None
-            hw = sg_j.hvp(w)
+            assert hvp_j is not None
+            hw = hvp_j(w)
         else:
             hw = finite_difference_hvp(
                 functools.partial(_support_grads_only, loss_fn, support[j], rngs[j]),
@@ -852,10 +870,10 @@ def _recursive(
                 fd_mode=fd_mode,
                 fd_scale=fd_scale,
                 norm_fn=norm_fn,
-                grad_at_params=sg_j.grads if sg_j is not None else None,
+                grad_at_params=grads_j,
                 overwrite_direction=config.optimizer == "adamw",
             )
-        del theta_j, sg_j, w
+        del theta_j, grads_j, hvp_j, w
         u = _adjoint_update(u, hw, config, into_hw=not exact_hvp)
         del hw
     return MetaGradient(u, _mean_loss(support_losses), query_loss, state_k)

@@ -36,6 +36,16 @@ def host_side() -> Iterator[None]:
         _host.active = before
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied into host memory: pinned and asynchronous from a GPU, a clone on CPU; made
+    under `host_side()`, so `LiveTensorBytes` counts it as host bytes."""
+    with host_side():
+        if t.device.type == "cpu":
+            return t.clone()
+        pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return pinned.copy_(t, non_blocking=True)
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Count the bytes of tensor storages created inside the context, and their peak.
 

@@ -4,6 +4,7 @@ adaptation").
 At bf16/fp16 the adapted parameters are rounded into the model dtype before every pass, and an
 inner step below the 16-bit resolution of a weight vanishes there. `inner_update_kept` compares
 the intended step (fp32) with the realised one (both points rounded to the model dtype).
+`stochastic_round` rounds a point unbiasedly instead (E = x), so the step survives in expectation.
 """
 
 from __future__ import annotations
@@ -71,3 +72,67 @@ def inner_update_kept(
                 ]
             ).cpu()
     return UpdateRounding.from_sums(sums)
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    """x (float32) rounded into `dtype` up or down at random, up with probability
+    (x - lo) / (hi - lo) for the two representable neighbours lo <= x <= hi, so E[result] = x.
+
+    Same shape and device as x; the random numbers come from `generator` (one on x's device, or
+    None for that device's default), so a generator state gives one result, and for one state the
+    result grows with |x| (common random numbers round nearby points alike). Representable values,
+    inf and nan come back unchanged; beyond the largest finite fp16 value it rounds to nearest,
+    beyond the largest finite bf16 value inf is the neighbour above. Not chunked: temporaries are
+    one x-sized int32 tensor (bf16) or about four x-sized float32 tensors (fp16).
+    """
+    if x.dtype == dtype or (x.dtype == torch.float32 and dtype == torch.float64):
+        return x.to(dtype)
+    if x.dtype != torch.float32:
+        raise ValueError(f"stochastic rounding takes float32, got {x.dtype}")
+    if dtype == torch.bfloat16:
+        return _stochastic_round_bf16(x, generator)
+    if dtype == torch.float16:
+        return _stochastic_round_bracket(x, dtype, generator)
+    raise ValueError(f"no stochastic rounding into {dtype} (bfloat16, float16, float32)")
+
+
+def _stochastic_round_bf16(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    # bf16 is the top 16 bits of float32. Adding a uniform integer in [0, 2**16) to the bits
+    # carries into bit 16 (one bf16 ulp up, in magnitude: the sign bit is apart) with
+    # probability low16 / 2**16 = (|x| - |lo|) / ulp; clearing the low bits then truncates, and
+    # the conversion of the truncated value is exact.
+    bits = torch.randint(
+        0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32
+    )
+    bits.add_(x.view(torch.int32)).bitwise_and_(-(1 << 16))
+    rounded = bits.view(torch.float32).to(torch.bfloat16)
+    # A nan whose payload lies in the low bits only would be truncated to inf.
+    return rounded.masked_fill_(x.isnan(), float("nan"))
+
+
+def _stochastic_round_bracket(
+    x: Tensor, dtype: torch.dtype, generator: torch.Generator | None
+) -> Tensor:
+    # lo: x truncated toward zero into dtype, hi: its neighbour away from zero. Away from zero
+    # when u < (|x| - |lo|) / (|hi| - |lo|) (both differences exact in float32), so for one u
+    # the result grows with |x|, as in the bf16 trick.
+    nearest = x.to(dtype)
+    overshoots = (nearest.float().abs_() > x.abs()) & nearest.isfinite()
+    lo = torch.where(overshoots, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+    del nearest, overshoots
+    hi = torch.nextafter(lo, torch.full_like(x, math.inf).copysign_(x).to(dtype))
+    lo_magnitude = lo.float().abs_()
+    # Beyond the finite range the share is 0 (hi inf) or nan (lo inf): lo, the nearest value.
+    share = x.abs().sub_(lo_magnitude).div_(hi.float().abs_().sub_(lo_magnitude))
+    del lo_magnitude
+    away = torch.rand(x.shape, generator=generator, device=x.device) < share
+    return torch.where(away, hi, lo)
+
+
+def stochastic_round_ste(
+    x: Tensor, dtype: torch.dtype, generator: torch.Generator | None
+) -> Tensor:
+    """`stochastic_round` for autograd callers: the forward sees the rounded values (in x's
+    dtype), the gradient passes through as identity (straight-through)."""
+    rounded = stochastic_round(x.detach(), dtype, generator).to(x.dtype)
+    return x + (rounded - x).detach()

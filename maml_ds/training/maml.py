@@ -11,7 +11,7 @@ of the meta-gradient a single process would. The task mean reaches DeepSpeed thr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import deepspeed
@@ -22,14 +22,22 @@ from torch import Tensor
 from torch.func import functional_call
 
 from maml_ds import distributed as D
-from maml_ds.config import RunConfig
+from maml_ds.config import RunConfig, kept_support_gradients
 from maml_ds.data.reader import Example
 from maml_ds.data.sampler import PromptSpec, TaskSampler
 from maml_ds.losses import scored_loss_sum
 from maml_ds.meta.gradient import LossFn, meta_gradient
-from maml_ds.meta.precision import UpdateRounding, inner_update_kept
+from maml_ds.meta.live_bytes import host_copy
+from maml_ds.meta.precision import UpdateRounding, inner_update_kept, stochastic_round_ste
 from maml_ds.training.sharded import ShardedPasses, uses_sharded_path
-from maml_ds.training.state import StepStats, TrainContext, fresh_tasks, local_task_batch
+from maml_ds.training.state import (
+    StepStats,
+    TrainContext,
+    fresh_tasks,
+    local_task_batch,
+    rounding_generator,
+    rounding_seed,
+)
 from maml_ds.training.zero_layout import PartitionLayout, set_learning_rate_zero
 
 __all__ = ["MamlStep", "build_task_sampler", "make_loss_fn"]
@@ -50,10 +58,19 @@ def build_task_sampler(cfg: RunConfig, tasks: dict[str, list[Example]], tokenize
     return TaskSampler(tasks, num_demonstrations=cfg.data.num_demonstrations, seed=cfg.seed)
 
 
-def make_loss_fn(layout: PartitionLayout):
-    """loss_fn(local partition, batch) -> this rank's share of the batch's per-token mean."""
+def make_loss_fn(layout: PartitionLayout, rounding_dtype: torch.dtype | None = None):
+    """loss_fn(local partition, batch) -> this rank's share of the batch's per-token mean.
+
+    `rounding_dtype`: the partition is rounded stochastically into it (straight-through, the
+    draws from the batch's `rounding_seed`) before the gather; None: nearest, in the gather."""
 
     def loss_fn(local: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        if rounding_dtype is not None:
+            generator = rounding_generator(batch)
+            local = {
+                key: stochastic_round_ste(local[key], rounding_dtype, generator)
+                for key in layout.keys
+            }
         full = layout.gather(local)
         logits = functional_call(
             layout.forward_module,
@@ -90,6 +107,14 @@ def _watch_first_inner_step(
     return watched
 
 
+def _keep_in_host_memory(grads: dict[str, Tensor]) -> Callable[[], dict[str, Tensor]]:
+    """`meta_gradient`'s keep_fn on the sharded path: a kept support gradient waits in host
+    memory (pinned) and comes back to the device for each use."""
+    saved = {key: host_copy(g) for key, g in grads.items()}
+    device = D.device()
+    return lambda: {key: g.to(device, non_blocking=True, copy=True) for key, g in saved.items()}
+
+
 def _moments_are_finite(state: Mapping[str, Any] | None) -> bool:
     """The inner AdamW moments of this rank's partition are finite (None: an SGD inner loop)."""
     if state is None:
@@ -110,9 +135,16 @@ class MamlStep:
         self.layout = PartitionLayout(ctx.engine, ctx.cfg.deepspeed.zero_stage)
         if sharded is None:  # ZeRO-3 hvp-fd / first-order: the sharded path (sharded.py)
             sharded = uses_sharded_path(ctx.cfg)
-        self.sharded = ShardedPasses(ctx.engine, self.layout) if sharded else None
         dtypes = set(self.layout.dtype_by_name.values())
         self.model_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+        self.stochastic_rounding = ctx.cfg.meta.adapted_rounding == "stochastic" and (
+            self.model_dtype in (torch.bfloat16, torch.float16)
+        )
+        self.sharded = None
+        if sharded:
+            self.sharded = ShardedPasses(
+                ctx.engine, self.layout, stochastic_rounding=self.stochastic_rounding
+            )
         self.warned_inner_kept = False
         self.num_calls = 0
 
@@ -125,10 +157,14 @@ class MamlStep:
         spec = cfg.method_spec
         k, n = spec.num_inner_steps, spec.num_tasks
         mode = "first-order" if spec.first_order else cfg.meta.second_order
-        loss_fn = make_loss_fn(layout) if self.sharded is None else self.sharded.loss_fn
+        if self.sharded is not None:
+            loss_fn = self.sharded.loss_fn
+        else:
+            loss_fn = make_loss_fn(layout, self.model_dtype if self.stochastic_rounding else None)
         global_batch = cfg.deepspeed.micro_batch_size * D.world_size()
-        # The sharded path keeps the snapshot in host memory and steps the live moments in
-        # place (nothing to write back): docs/memory.md, "The sharded path".
+        # The sharded path keeps the snapshot and the kept support gradients in host memory and
+        # steps the live moments in place (nothing to write back): docs/memory.md, "The sharded
+        # path".
         in_place = self.sharded is not None and cfg.meta.inner_optimizer == "adamw"
         snapshot = layout.snapshot_moments(host=self.sharded is not None)
         params = {name: p for name, p in layout.param_by_name.items() if p.requires_grad}
@@ -143,6 +179,8 @@ class MamlStep:
         for task in range(n):
             batches = ctx.sampler.take(num_batches=2 * k, batch_size=global_batch)
             local = [self.local_batch(ctx, b) for b in batches]
+            for j, batch in enumerate(local):
+                batch["rounding_seed"] = rounding_seed(cfg.seed, ctx.state.step, task, j)
             theta0 = layout.local_params()
             task_loss_fn = loss_fn
             if measure_rounding and task == 0 and k > 0:
@@ -162,7 +200,8 @@ class MamlStep:
                 fd_mode=cfg.meta.fd_mode,
                 fd_scale=cfg.meta.fd_scale,
                 norm_fn=layout.global_norm,
-                keep_support_gradients=1,  # k >= 2: one partition, k - 1 passes fewer
+                keep_support_gradients=kept_support_gradients(cfg.meta.keep_support_gradients, k),
+                keep_fn=_keep_in_host_memory if self.sharded is not None else None,
                 moments_in_place=in_place,
             )
             del theta0, task_loss_fn
@@ -222,16 +261,19 @@ class MamlStep:
         )
 
     def _inner_rounding(self, cfg: RunConfig, rounding: UpdateRounding) -> dict[str, float]:
-        """The first inner step's survival in the 16-bit forward; one warning per run (rank 0)
-        when most of it is lost."""
+        """The first inner step's survival in a nearest-rounded 16-bit forward; one warning per
+        run (rank 0) when most of it is lost, unless the run rounds stochastically (then the
+        forward sees the step in expectation)."""
         kept = rounding.share_kept
-        if kept < INNER_KEPT_WARNING and not self.warned_inner_kept and D.is_main():
+        lost = kept < INNER_KEPT_WARNING and not self.stochastic_rounding
+        if lost and not self.warned_inner_kept and D.is_main():
             Console(stderr=True).print(
                 f"[bold yellow]warning:[/] only {kept:.0%} of the elements an inner step changes "
                 f"reach the {cfg.deepspeed.precision} forward (cosine(realised, intended) "
                 f"{rounding.cosine:.2f}, inner lr {cfg.meta.inner_lr:g}): most of the "
-                "adaptation is lost to 16-bit rounding. Use a larger --inner-lr or "
-                '--precision fp32 (docs/memory.md, "Precision of the adaptation").'
+                "adaptation is lost to 16-bit rounding. Use --adapted-rounding stochastic, a "
+                'larger --inner-lr or --precision fp32 (docs/memory.md, "Precision of the '
+                'adaptation").'
             )
-        self.warned_inner_kept = self.warned_inner_kept or kept < INNER_KEPT_WARNING
+        self.warned_inner_kept = self.warned_inner_kept or lost
         return {"inner_kept": kept, "inner_cosine": rounding.cosine}

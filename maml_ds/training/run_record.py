@@ -85,7 +85,8 @@ RESUME_RULES: dict[str, ResumeRule] = {
              "optim.betas", "optim.eps", "optim.weight_decay",
              "meta.inner_optimizer", "meta.outer_optimizer", "meta.shared_moments"),
     **_rules("state", "the meta-gradient (inner steps, second-order estimator) the run follows",
-             "meta.inner_lr", "meta.second_order", "meta.fd_mode", "meta.fd_scale"),
+             "meta.inner_lr", "meta.second_order", "meta.fd_mode", "meta.fd_scale",
+             "meta.adapted_rounding"),
     **_rules("state", "the checkpoint's partitioning and dtypes are this stage's and precision's",
              "deepspeed.zero_stage", "deepspeed.precision"),
     **_rules("state", "decides which parameters ZeRO-3 keeps whole in its saved partitions",
@@ -117,6 +118,7 @@ RESUME_RULES: dict[str, ResumeRule] = {
     ),
     **_rules("applied", "how the same math runs (kernels, determinism, communication buckets)",
              "deterministic", "model.attn_implementation", "model.activation_checkpointing",
+             "meta.keep_support_gradients",
              "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size"),
     **_rules("applied", "later updates take the new global batch; the sampler's position "
              "counts prompts (MetaICL) or tasks (MAML), not batches",

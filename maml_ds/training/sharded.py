@@ -18,6 +18,7 @@ from torch import Tensor
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig
 from maml_ds.losses import scored_loss_sum
+from maml_ds.training.state import rounding_generator
 from maml_ds.training.zero_layout import (
     PartitionLayout,
     clear_zero3_grads,
@@ -63,19 +64,22 @@ class _PassAtPoint(torch.autograd.Function):
 class ShardedPasses:
     """The loss function and the final update of the sharded path, for one engine."""
 
-    def __init__(self, engine, layout: PartitionLayout):
+    def __init__(self, engine, layout: PartitionLayout, *, stochastic_rounding: bool = False):
         if layout.stage != 3:
             raise ValueError(f"the sharded path needs ZeRO-3, not ZeRO-{layout.stage}")
         self.engine, self.layout = engine, layout
         self.keys = list(layout.keys)
         self.world = D.world_size()
+        self.stochastic_rounding = stochastic_rounding
 
     def loss_and_grad(
         self, point: Mapping[str, Tensor], batch: Mapping[str, Any]
     ) -> tuple[Tensor, list[Tensor]]:
         """This rank's share of the batch's per-token mean at `point`, and this rank's partition
-        of the gradient of the global objective (the sum of the shares over ranks)."""
-        write_zero3_point(self.layout, point)
+        of the gradient of the global objective (the sum of the shares over ranks). With
+        stochastic rounding the draws come from the batch's `rounding_seed`."""
+        rounding = rounding_generator(batch) if self.stochastic_rounding else None
+        write_zero3_point(self.layout, point, rounding)
         with torch.enable_grad():
             logits = self.engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]

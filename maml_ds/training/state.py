@@ -9,9 +9,13 @@ tokens of the GLOBAL batch (all ranks), so each rank needs the global scored-tok
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from maml_ds import distributed as D
 from maml_ds.config import RunConfig
@@ -106,6 +110,20 @@ def encode_prompts(ctx: TrainContext, prompts: list[PromptSpec]) -> list:
 def num_loss_tokens(prompt) -> int:
     """Scored tokens that the loss counts (position 0 has nothing before it)."""
     return sum(prompt.scored_mask[1:])
+
+
+def rounding_seed(seed: int, step: int, task: int, batch: int) -> int:
+    """The seed of one MAML batch's stochastic-rounding draws (`meta.adapted_rounding`): a
+    function of the run's seed, the update, the task, the batch's index in it and the rank, so
+    a resumed run draws what an uninterrupted one does."""
+    text = f"{seed}/{step}/{task}/{batch}/{D.rank()}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def rounding_generator(batch: Mapping[str, Any]) -> torch.Generator:
+    """A generator on this rank's device seeded with the batch's `rounding_seed`: every pass on
+    one batch (forward, replays, finite differences) draws the same numbers."""
+    return torch.Generator(D.device()).manual_seed(batch["rounding_seed"])
 
 
 def local_task_batch(ctx: TrainContext, prompts: list[PromptSpec]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,13 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Generator, Tensor
 
 from maml_ds import distributed as D
 from maml_ds.config import ConfigError
-from maml_ds.meta.live_bytes import host_side
+from maml_ds.meta.live_bytes import host_copy
 from maml_ds.meta.optim import AdamWMoments, SharedMomentAdamW
+from maml_ds.meta.precision import stochastic_round
 
 __all__ = [
     "TESTED_DEEPSPEED",
@@ -98,23 +98,15 @@ def zero_gradients(engine, stage: int) -> None:
         g.zero_()
 
 
-def _copy(t: Tensor, host: bool) -> Tensor:
-    """`t` cloned; with `host`, into pinned host memory (asynchronous from a GPU)."""
-    if not host or t.device.type == "cpu":
-        return t.clone()
-    pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    return pinned.copy_(t, non_blocking=True)
-
-
 def snapshot_optimizer_state(engine, *, host: bool = False) -> dict[Tensor, dict[str, Any]]:
     """A copy of this rank's whole client-optimizer state (moments, step counts), keyed by the
     tensors it is kept for (parameters at ZeRO-0, this rank's flat partitions at ZeRO 1-3);
     `host`: in host memory (no device memory; restoring copies it back)."""
-    with host_side() if host else nullcontext():
-        return {
-            owner: {k: _copy(v, host) if isinstance(v, Tensor) else v for k, v in entry.items()}
-            for owner, entry in client_optimizer(engine).state.items()
-        }
+    copy = host_copy if host else Tensor.clone
+    return {
+        owner: {k: copy(v) if isinstance(v, Tensor) else v for k, v in entry.items()}
+        for owner, entry in client_optimizer(engine).state.items()
+    }
 
 
 @torch.no_grad()
@@ -547,14 +539,19 @@ def _zero3_params(layout: PartitionLayout) -> list[list[Tensor]]:
 
 
 @torch.no_grad()
-def write_zero3_point(layout: PartitionLayout, point: Mapping[str, Tensor]) -> None:
+def write_zero3_point(
+    layout: PartitionLayout, point: Mapping[str, Tensor], rounding: Generator | None = None
+) -> None:
     """Make the module compute at `point` (this rank's fp32 partition per group, `layout.keys`):
-    every rank writes its own shards; a collective (all ranks call it together)."""
+    every rank writes its own shards, rounded to nearest or, with a `rounding` generator,
+    stochastically (`meta.precision.stochastic_round`); a collective (all ranks call it)."""
     offload = layout.engine.optimizer.parameter_offload
     offload.partition_all_parameters()
     for key, group, params in zip(layout.keys, layout.groups, _zero3_params(layout), strict=True):
         assert group.shard_numels is not None
         for p, shard in zip(params, point[key].split(group.shard_numels), strict=True):
+            if rounding is not None:
+                shard = stochastic_round(shard, p.ds_tensor.dtype, rounding)
             p.ds_tensor.copy_(shard)
     persistent = [p for p in layout.module.parameters() if getattr(p, "ds_persist", False)]
     if persistent:

@@ -556,3 +556,49 @@ def test_inner_update_kept_measures_what_a_16_bit_forward_sees() -> None:
     kept = inner_update_kept(theta, {"w": theta["w"] + 0.1}, torch.bfloat16)
     assert kept.share_kept == 1.0 and kept.cosine > 0.999
     assert inner_update_kept(theta, theta, torch.bfloat16).share_kept == 1.0  # no step
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_kept_support_gradients_through_a_store(optimizer: str) -> None:
+    """hvp-fd, k = 4: keeping c = 0 .. 3 support gradients, stored by a `keep_fn` that copies
+    them (as a host store does), gives bit-equal meta-gradients; c = k - 1 runs 3k passes (no
+    support pass in any replay) and asks for each kept gradient once per use."""
+    loss_fn, params = mlp_setup()
+    k = 4
+    support, query = mlp_batches(k, seed=1), mlp_batches(k, seed=2)
+    kwargs: dict[str, Any] = {
+        "inner_lr": 0.5 if optimizer == "sgd" else 0.05, "inner_optimizer": optimizer,
+        "second_order": "hvp-fd",
+    }  # fmt: skip
+    if optimizer == "adamw":
+        kwargs["adam_state"] = warm_state(params)
+    reference = meta_gradient(loss_fn, params, support, query, **kwargs)
+    for c in range(k):
+        stored: list[dict] = []
+        loaded: list[int] = []
+        passes: list[int] = []
+
+        def keep_fn(grads, stored=stored, loaded=loaded):
+            copy = {name: g.clone() for name, g in grads.items()}
+            stored.append(copy)
+
+            def load():
+                loaded.append(1)
+                return {name: g.clone() for name, g in copy.items()}
+
+            return load
+
+        def counted(p, batch, passes=passes):
+            passes.append(1)
+            return loss_fn(p, batch)
+
+        result = meta_gradient(
+            counted, params, support, query, keep_support_gradients=c, keep_fn=keep_fn, **kwargs
+        )
+        for name in params:
+            assert torch.equal(result.grads[name], reference.grads[name]), (c, name)
+        assert len(stored) == c
+        # each replay j (< k - 1) loads the kept ones before it; each kept one its reverse step
+        assert len(loaded) == sum(min(j, c) for j in range(k - 1)) + c
+        if c == k - 1:
+            assert len(passes) == 3 * k

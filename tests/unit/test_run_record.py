@@ -62,6 +62,7 @@ NEW_VALUES = {
     "optim.warmup_steps": 2, "optim.schedule": "constant", "optim.gradient_clipping": 0.5,
     "meta.inner_lr": 1e-3, "meta.second_order": "exact", "meta.fd_mode": "central",
     "meta.fd_scale": 1e-4, "meta.inner_optimizer": "sgd", "meta.outer_optimizer": "sgd",
+    "meta.keep_support_gradients": 1, "meta.adapted_rounding": "stochastic",
     "meta.shared_moments": False,
     "deepspeed.zero_stage": 2, "deepspeed.precision": "bf16", "deepspeed.micro_batch_size": 2,
     "deepspeed.gradient_accumulation_steps": 2, "deepspeed.reduce_bucket_size": 1000,
