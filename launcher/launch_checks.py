@@ -115,6 +115,7 @@ def memory_note(plan: LaunchPlan) -> str | None:
                 activation_checkpointing=cfg.model.activation_checkpointing,
                 reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
                 keep_support_gradients=cfg.meta.keep_support_gradients,
+                adapted_rounding=cfg.meta.adapted_rounding,
             ),
         )
     except (ConfigError, OSError, ValueError):

@@ -293,6 +293,9 @@ def memory(
     keep_support_gradients: Annotated[
         int | None, typer.Option(help="hvp-fd, k >= 2: support gradients kept (default k - 1)")
     ] = None,
+    adapted_rounding: Annotated[
+        str, typer.Option(help="nearest | stochastic (MAML at 16 bits)")
+    ] = "nearest",
     vocab_size: Annotated[int | None, typer.Option(help="vocabulary of the tiny built-ins")] = None,
     do_measure: Annotated[
         bool,
@@ -329,6 +332,7 @@ def memory(
             activation_checkpointing=activation_checkpointing,
             reduce_bucket_size=reduce_bucket_size,
             keep_support_gradients=keep_support_gradients,
+            adapted_rounding=adapted_rounding,  # type: ignore[arg-type]
         ).validate()
         if preset is not None and preset not in GPU_CARDS:
             raise ConfigError([f"--preset must be one of {', '.join(GPU_CARDS)}, got {preset!r}"])

@@ -13,6 +13,7 @@ a ~1.1B random-init Llama-style model (`random:llama-1b`) at ZeRO-3 through the 
 
     python scripts/gpu_check.py --out gpu_check.json            # on a GPU machine
     python scripts/gpu_check.py --llama --out llama_check.json  # the sharded path, ~1B Llama
+    python scripts/gpu_check.py --llama --adapted-rounding stochastic --methods maml-2-4,maml-4-2
     python scripts/gpu_check.py --model tiny --seq-len 64 --steps 2 --out /tmp/c.json  # CPU
 """
 
@@ -59,15 +60,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--second-order", default="hvp-fd")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument(
+        "--adapted-rounding", default="nearest", choices=["nearest", "stochastic"],
+        help="MAML at 16 bits: how the adapted point is rounded (RunConfig.meta)",
+    )  # fmt: skip
+    p.add_argument(
         "--llama", action="store_true",
-        help="random:llama-1b, ZeRO-3 (the sharded path), metaicl,maml-2-4,fomaml-2-4, "
-        "activation checkpointing, sdpa",
+        help="random:llama-1b, ZeRO-3 (the sharded path), metaicl,maml-2-4,fomaml-2-4,maml-4-2 "
+        "(k = 2: a support gradient kept in pinned host memory), activation checkpointing, sdpa",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     if args.llama:
         args.model, args.zero, args.attn = "random:llama-1b", 3, "sdpa"
-        args.methods, args.activation_checkpointing = "metaicl,maml-2-4,fomaml-2-4", True
+        args.methods = "metaicl,maml-2-4,fomaml-2-4,maml-4-2"
+        args.activation_checkpointing = True
     return args
 
 
@@ -95,6 +101,7 @@ def run_method(
         "micro_batch_size": setup.micro_batch_size,
         "attn": args.attn,
         "activation_checkpointing": args.activation_checkpointing,
+        "adapted_rounding": args.adapted_rounding,
         "second_order": setup.effective_second_order,
         "num_params": predicted.model.num_params,
         "predicted_peak_bytes": predicted.predicted_peak_bytes,
@@ -109,6 +116,7 @@ def run_method(
         return row
     cfg = measure_run_config(setup, fixture, work / method, model=args.model, seed=args.seed)
     cfg.max_steps = args.warmup + args.steps
+    cfg.meta.adapted_rounding = args.adapted_rounding
     try:
         m = measure_updates(cfg, num_warmup=args.warmup, num_steps=args.steps)
     except Exception as err:  # one failing method must not lose the others' numbers

@@ -109,6 +109,7 @@ def measure_run_config(
     cfg.data.max_length_per_example = min(64, setup.seq_len)
     cfg.meta.second_order = setup.second_order  # type: ignore[assignment]
     cfg.meta.keep_support_gradients = setup.keep_support_gradients
+    cfg.meta.adapted_rounding = setup.adapted_rounding
     ds = cfg.deepspeed
     ds.zero_stage, ds.precision = setup.zero_stage, setup.precision
     ds.micro_batch_size = setup.micro_batch_size

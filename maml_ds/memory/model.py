@@ -484,6 +484,18 @@ COMPONENTS: tuple[Component, ...] = (
         methods=("maml",),
     ),
     Component(
+        "rounded_point", "stochastically rounded point", LOSS_PHASES,
+        _gather_path(
+            lambda f, s: _partition(f, s)
+            if s.adapted_rounding == "stochastic" and s.dtype_bytes == 2
+            else 0.0
+        ),
+        "--adapted-rounding stochastic at 16 bits, gather path: the partition rounded for the "
+        "pass (fp32, straight-through), alive through it; the sharded path rounds shard by shard "
+        "into the parameters (measured: +Q, and +0 on the sharded path)",
+        methods=("maml",),
+    ),
+    Component(
         "task_result", "the task's meta-gradient", "moment write-back",
         _task_result,
         "result of meta_gradient, an fp32 partition, until it is added to the accumulator",

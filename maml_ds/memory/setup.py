@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from maml_ds.config import (
+    AdaptedRounding,
     ConfigError,
     MethodSpec,
     Precision,
@@ -46,6 +47,8 @@ class MemorySetup:
     """DeepSpeed's gradient-reduction bucket (elements), as in RunConfig.deepspeed."""
     keep_support_gradients: int | None = None
     """hvp-fd, k >= 2: support gradients kept for the reverse pass (RunConfig.meta; None: k - 1)."""
+    adapted_rounding: AdaptedRounding = "nearest"
+    """MAML at 16 bits: how the adapted point is rounded (RunConfig.meta)."""
 
     @property
     def kept_support_gradients(self) -> int:
@@ -94,6 +97,10 @@ class MemorySetup:
             out.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.keep_support_gradients is not None and self.keep_support_gradients < 0:
             out.append(f"--keep-support-gradients must be >= 0, got {self.keep_support_gradients}")
+        if self.adapted_rounding not in ("nearest", "stochastic"):
+            out.append(
+                f"--adapted-rounding must be nearest or stochastic, got {self.adapted_rounding!r}"
+            )
         if self.attn_implementation not in ("eager", "sdpa"):
             out.append(f"--attn must be eager or sdpa, got {self.attn_implementation!r}")
         if self.second_order not in MODELLED_SECOND_ORDER:

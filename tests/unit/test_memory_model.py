@@ -392,3 +392,29 @@ def test_model_reproduces_kept_support_gradients(case):
     assert host_bytes(facts, setup) == (
         (2 + setup.kept_support_gradients) * q if stage == 3 else 0
     )  # the sharded path's pinned snapshot and kept gradients
+
+
+# --adapted-rounding stochastic, bf16, 1 rank, seq 128 (measured like MEASURED_CPU): the gather
+# path holds the rounded partition through each pass (+Q exactly), the sharded path nothing.
+MEASURED_STOCHASTIC = {
+    # (method, zero): (nearest, stochastic) measured peak bytes
+    ("maml-2-1", 1): (213_687_584, 230_782_232),
+    ("maml-2-1", 2): (213_687_584, 230_782_232),
+    ("maml-4-1", 2): (247_881_252, 264_975_900),
+    ("maml-2-1", 3): (141_355_929, 141_355_929),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEASURED_STOCHASTIC))
+def test_model_counts_the_stochastically_rounded_point(case):
+    from maml_ds.memory import MEASURE_BUCKET, MEASURE_MODEL
+
+    method, stage = case
+    facts = model_facts(MEASURE_MODEL)
+    for rounding, measured in zip(("nearest", "stochastic"), MEASURED_STOCHASTIC[case]):
+        setup = MemorySetup(
+            method=method, zero_stage=stage, precision="bf16", seq_len=128,
+            reduce_bucket_size=MEASURE_BUCKET, adapted_rounding=rounding,
+        )  # fmt: skip
+        predicted = build_report(facts, setup).predicted_peak_bytes
+        assert predicted == pytest.approx(measured, rel=0.03), rounding
