@@ -421,6 +421,25 @@ class RunConfig:
             out.append(
                 f"--adapted-rounding must be nearest or stochastic, got {m.adapted_rounding!r}"
             )
+        second_order_maml = (
+            spec is not None
+            and spec.kind == "maml"
+            and not spec.first_order
+            and m.second_order != "first-order"
+        )
+        if (
+            m.adapted_rounding == "stochastic"
+            and second_order_maml
+            and ds.precision != "fp32"
+            and not m.shared_moments
+            and m.inner_optimizer == "adamw"
+        ):
+            out.append(
+                "--adapted-rounding stochastic with --no-shared-moments: fresh-moment AdamW inner "
+                "steps weigh the second-order term by 1/|g|, and stochastic rounding made that "
+                "meta-gradient 7-40x further off than nearest (docs/memory.md); use nearest, "
+                "shared moments, or a first-order method"
+            )
         if m.fd_mode not in get_args(FdMode):
             out.append(f"--fd-mode must be one-sided or central, got {m.fd_mode!r}")
         if m.fd_scale is not None and not 0.0 < m.fd_scale < 1.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maml_ds.config import ConfigError, RunConfig, parse_method
+from maml_ds.config import ConfigError, MetaConfig, RunConfig, parse_method
 from maml_ds.deepspeed_json import build_deepspeed_config, check_batch_arithmetic
 
 
@@ -212,3 +212,25 @@ def test_user_deepspeed_json_must_exist_and_be_an_object(tmp_path):
 
 def test_log_every_is_checked():
     assert "--log-every must be >= 1, got 0" in RunConfig(log_every=0).problems()
+
+
+def test_stochastic_rounding_with_fresh_inner_moments_is_refused():
+    """The measured bad case (docs/memory.md): second-order MAML, AdamW inner steps on fresh
+    moments, 16 bits; first order, shared moments and fp32 are accepted."""
+
+    def problems(**meta):
+        cfg = RunConfig(method=meta.pop("method", "maml-2-1"))
+        cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 3, meta.pop("precision", "bf16")
+        cfg.meta.adapted_rounding = "stochastic"
+        for key, value in meta.items():
+            setattr(cfg.meta, key, value)
+        return [p for p in cfg.problems() if "--adapted-rounding" in p]
+
+    refused = problems(shared_moments=False)
+    assert len(refused) == 1 and "--no-shared-moments" in refused[0]
+    assert problems() == []
+    assert problems(shared_moments=False, method="fomaml-2-1") == []
+    assert problems(shared_moments=False, precision="fp32") == []
+    assert problems(shared_moments=False, inner_optimizer="sgd") == []
+    bad = RunConfig(meta=MetaConfig(adapted_rounding="x")).problems()  # type: ignore[arg-type]
+    assert "--adapted-rounding must be nearest or stochastic, got 'x'" in bad
