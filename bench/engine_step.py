@@ -442,7 +442,8 @@ def main() -> None:
     result: dict[str, Any] = {
         "config": {
             "model": args.model,
-            "num_params": sum(p.numel() for p in module.parameters()),
+            # ZeRO-3 leaves empty local tensors: the full size is ds_numel
+            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()),
             "world_size": D.world_size(),
             "zero": args.zero,
             "precision": args.precision,
