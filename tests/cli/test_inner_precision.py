@@ -36,10 +36,10 @@ def _losses(run) -> list[tuple[float, float]]:
 @pytest.mark.parametrize("zero", ["2", "3"])  # the gather path; the sharded path
 def test_stochastic_rounding_of_the_adapted_point(synth_dir, tokenizer_dir, tmp_path, zero):
     """--adapted-rounding stochastic: no lost-step warning, other losses than nearest; on the
-    sharded path also the same losses on a rerun and after a stop + resume (the draws are fixed
-    per batch)."""
+    sharded path also the same losses after a stop + resume, whose second update is drawn in
+    another process (the draws are fixed per batch)."""
     common = ["train", "--method", "maml-4-1", "--zero", zero, "--precision", "bf16",
-              "--inner-lr", "1e-7", "--lr", "1e-3", "--max-steps", "3", "--model", "tiny",
+              "--inner-lr", "1e-7", "--lr", "1e-3", "--max-steps", "2", "--model", "tiny",
               "--data", synth_dir, "--tokenizer", tokenizer_dir, "--k", "4",
               "--max-examples-per-task", "40", "--save-every", "1"]  # fmt: skip
     stochastic = [*common, "--adapted-rounding", "stochastic"]
@@ -47,9 +47,8 @@ def test_stochastic_rounding_of_the_adapted_point(synth_dir, tokenizer_dir, tmp_
     assert "reach the bf16 forward" not in " ".join(proc.stderr.split())
     maml_ds(*common, "--out", tmp_path / "nearest")
     sr = _losses(tmp_path / "sr")
-    assert len(sr) == 3 and sr != _losses(tmp_path / "nearest")
+    assert len(sr) == 2 and sr != _losses(tmp_path / "nearest")
     if zero == "3":
-        maml_ds(*stochastic, "--out", tmp_path / "again")
         maml_ds(*stochastic, "--stop-after", "1", "--out", tmp_path / "resumed")
         maml_ds(*stochastic, "--resume", "--out", tmp_path / "resumed")
-        assert sr == _losses(tmp_path / "again") == _losses(tmp_path / "resumed")
+        assert sr == _losses(tmp_path / "resumed")

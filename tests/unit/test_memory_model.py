@@ -411,7 +411,9 @@ def test_model_counts_the_stochastically_rounded_point(case):
 
     method, stage = case
     facts = model_facts(MEASURE_MODEL)
-    for rounding, measured in zip(("nearest", "stochastic"), MEASURED_STOCHASTIC[case]):
+    for rounding, measured in zip(
+        ("nearest", "stochastic"), MEASURED_STOCHASTIC[case], strict=True
+    ):
         setup = MemorySetup(
             method=method, zero_stage=stage, precision="bf16", seq_len=128,
             reduce_bucket_size=MEASURE_BUCKET, adapted_rounding=rounding,
