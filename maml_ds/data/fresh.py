@@ -11,26 +11,14 @@ Why, and what was measured: docs/icl-research.md.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from maml_ds.data import synth
 from maml_ds.data.reader import Example
 from maml_ds.data.sampler import PromptSpec
-
-# Private builders of synth (accepted for now: the suite and its fresh tasks share them, so a
-# fresh task is drawn exactly like a suite training task).
-from maml_ds.data.synth import (
-    _attribute_task,
-    _held_out_rules,
-    _keyword_task,
-    _make_vocabulary,
-    _pair_task,
-    _qa_task,
-    _topic_task,
-    _Vocabulary,
-)
+from maml_ds.data.synth import Draw, Vocabulary
 from maml_ds.data.tasks import DataError
 
 __all__ = ["COPY", "FreshPromptSampler", "FreshTask", "FreshTaskSampler", "FreshTasks"]
@@ -40,8 +28,6 @@ COPY = "copy"
 COPY_PREFIX_WORDS = (0, 12)
 COPY_STRING_WORDS = (8, 24)
 """Word counts of a copy prompt's prefix and copied string (the research prototype's)."""
-
-_Draw = Callable[[random.Random], tuple[str, str, list[str]]]
 
 
 @dataclass(frozen=True)
@@ -54,7 +40,7 @@ class FreshTask:
     """The rule instance as synth names it (e.g. "keyword:<word sets>", "qa:first"); "copy"."""
     labels: tuple[str, ...] | None
     """The label words of a classification task in option order; None for qa and copy."""
-    draw: _Draw | None
+    draw: Draw | None
     """draw(rng) -> (input, output, options); None for copy (see FreshTasks.copy_prompt)."""
 
     @property
@@ -68,7 +54,7 @@ class FreshTasks:
 
     def __init__(
         self,
-        vocabulary: _Vocabulary,
+        vocabulary: Vocabulary,
         rule_split: Mapping[str, tuple[list, list]],
         *,
         families: tuple[str, ...],
@@ -116,17 +102,10 @@ class FreshTasks:
                 f"(it has {', '.join(summary.settings)})"
             )
         train_families = {summary.tasks[t].family for t in summary.settings[setting]["train"]}
-        sizes = summary.parameters
-        # The same seeded draws as synth.write_synthetic_suite, so this is the suite's vocabulary
-        # and rule split (tests/unit/test_fresh.py checks it against the manifest).
-        vocabulary = _make_vocabulary(
-            random.Random(f"maml-ds-synth:{summary.seed}:vocabulary"),
-            sizes["num_content_words"],
-            sizes["num_unseen_domain_words"],
-            sizes["num_label_words"],
-            sizes["num_heldout_label_words"],
-        )
-        rule_split = _held_out_rules(random.Random(f"maml-ds-synth:{summary.seed}:rules"))
+        # The suite's own vocabulary and rule split, from its manifest (tests/unit/test_fresh.py
+        # checks them against the tasks written).
+        vocabulary = synth.suite_vocabulary(summary.seed, summary.parameters)
+        rule_split = synth.suite_rule_split(summary.seed)
         return cls(
             vocabulary,
             rule_split,
@@ -145,7 +124,8 @@ class FreshTasks:
         if rng.random() < self.copy_share:
             return FreshTask(COPY, COPY, None, None)
         family = rng.choice(self.families)
-        return _draw_training_task(rng, family, self.vocabulary, self.rule_split)
+        rule, labels, draw = synth.draw_training_task(rng, family, self.vocabulary, self.rule_split)
+        return FreshTask(family, rule, labels, draw)
 
     def copy_prompt(self, index: int, j: int = 0) -> PromptSpec:
         """Copy prompt `j` of task `index`: input = prefix + s, output = s, no demonstrations."""
@@ -185,34 +165,6 @@ class FreshTasks:
             demonstrations = self._rng(index, f"demonstrations:{j}").sample(others, self.k)
             prompts.append(PromptSpec(task.name, tuple(demonstrations), pool[j]))
         return prompts
-
-
-def _draw_training_task(
-    rng: random.Random,
-    family: str,
-    vocabulary: _Vocabulary,
-    rule_split: Mapping[str, tuple[list, list]],
-) -> FreshTask:
-    """A new task of `family` as the suite draws its training tasks: seen-domain words, a
-    training rule, labels from the training label pool (the vocabulary keeps label words out
-    of the content words, so a label never occurs in an input)."""
-    words = vocabulary.seen_words
-    if family == "qa":
-        rule, draw = _qa_task(
-            words, rng.choice(rule_split["qa"][0]), rng.choice(synth.QA_NUM_OPTIONS)
-        )
-        return FreshTask(family, rule, None, draw)
-    labels = rng.sample(vocabulary.train_labels, rng.randint(*synth.NUM_CLASSES[family]))
-    if family == "keyword":
-        rule, draw = _keyword_task(rng, words, labels)
-    elif family == "topic":
-        rule, draw = _topic_task(rng, words, labels)
-    elif family == "attribute":
-        attribute = rng.choice(rule_split["attribute"][0])
-        rule, draw = _attribute_task(rng, words, labels, attribute, vocabulary.attributes)
-    else:  # nli, paraphrase
-        rule, draw = _pair_task(words, labels, family, rng.choice(rule_split[family][0]))
-    return FreshTask(family, rule, tuple(labels), draw)
 
 
 class FreshPromptSampler:

@@ -244,7 +244,7 @@ def read_suite_summary(out_dir: Path) -> SuiteSummary:
 
 
 @dataclass(frozen=True)
-class _Vocabulary:
+class Vocabulary:
     seen_words: tuple[str, ...]
     unseen_words: tuple[str, ...]
     train_labels: tuple[str, ...]
@@ -264,7 +264,7 @@ def _make_vocabulary(
     num_unseen_domain_words: int,
     num_label_words: int,
     num_heldout_label_words: int,
-) -> _Vocabulary:
+) -> Vocabulary:
     # Two-syllable words (4-6 letters): short, since BPE splits made-up words into several tokens.
     seen_pool = _syllable_words(_SEEN_ONSETS, _SEEN_NUCLEI, 2)
     drawn = rng.sample(seen_pool, num_content_words + num_label_words)
@@ -277,7 +277,7 @@ def _make_vocabulary(
         for w in (*seen_words, *unseen_words)
     }
     num_train_labels = num_label_words - num_heldout_label_words
-    return _Vocabulary(
+    return Vocabulary(
         seen_words=tuple(seen_words),
         unseen_words=tuple(unseen_words),
         train_labels=tuple(labels[:num_train_labels]),
@@ -289,7 +289,7 @@ def _make_vocabulary(
 # --------------------------------------------------------------------------------------------
 # Families: each builder returns (rule, draw) with draw(rng) -> (input, output, options).
 
-_Draw = Callable[[random.Random], tuple[str, str, list[str]]]
+Draw = Callable[[random.Random], tuple[str, str, list[str]]]
 
 
 def _set_partitions(items: Sequence[str], num_blocks: int) -> list[tuple[tuple[str, ...], ...]]:
@@ -328,7 +328,7 @@ def _sample_excluding(
 
 def _keyword_task(
     rng: random.Random, words: Sequence[str], labels: Sequence[str]
-) -> tuple[str, _Draw]:
+) -> tuple[str, Draw]:
     drawn = rng.sample(words, len(labels) * KEYWORD_TRIGGERS_PER_CLASS)
     triggers = [drawn[c :: len(labels)] for c in range(len(labels))]
 
@@ -341,7 +341,7 @@ def _keyword_task(
 
 def _topic_task(
     rng: random.Random, words: Sequence[str], labels: Sequence[str]
-) -> tuple[str, _Draw]:
+) -> tuple[str, Draw]:
     drawn = rng.sample(words, len(labels) * TOPIC_WORDS_PER_CLASS)
     topics = [drawn[c :: len(labels)] for c in range(len(labels))]
 
@@ -358,7 +358,7 @@ def _attribute_task(
     labels: Sequence[str],
     attribute: int,
     attributes: dict[str, tuple[int, ...]],
-) -> tuple[str, _Draw]:
+) -> tuple[str, Draw]:
     values = sorted(rng.sample(range(NUM_ATTRIBUTE_VALUES), len(labels)))
     members = [[w for w in words if attributes[w][attribute] == v] for v in values]
     if min(len(m) for m in members) < ATTRIBUTE_INPUT_WORDS[1]:
@@ -426,7 +426,7 @@ def _pair_task(
     labels: Sequence[str],
     family: str,
     partition: Sequence[Sequence[str]],
-) -> tuple[str, _Draw]:
+) -> tuple[str, Draw]:
     def draw(r: random.Random) -> tuple[str, str, list[str]]:
         c = r.randrange(len(labels))
         first = r.sample(words, PAIR_HALF_WORDS)
@@ -491,7 +491,7 @@ def qa_answer(rule: str, input_text: str, options: Sequence[str]) -> str:
 
 def _qa_task(
     words: Sequence[str], rule: str, num_options: int, rng: random.Random | None = None
-) -> tuple[str, _Draw]:
+) -> tuple[str, Draw]:
     """A qa task of one of QA_RULES, or of QA_MEMBER_RULE, whose answer set is drawn from `rng`."""
     if rule == QA_MEMBER_RULE:
         if rng is None:
@@ -506,9 +506,7 @@ def _qa_task(
     return f"qa:{rule}", draw
 
 
-def _qa_member_task(
-    rng: random.Random, words: Sequence[str], num_options: int
-) -> tuple[str, _Draw]:
+def _qa_member_task(rng: random.Random, words: Sequence[str], num_options: int) -> tuple[str, Draw]:
     """Each line's options hold exactly one word of the task's hidden answer set: the answer.
     The input is every option plus 0-2 (3 options: 0-3) other words, shuffled, so the position
     of the answer is uniform and it occurs in the input like every other option."""
@@ -535,7 +533,7 @@ def _qa_member_task(
 @dataclass(frozen=True)
 class _TaskPlan:
     task: SynthTask
-    draw: _Draw
+    draw: Draw
 
 
 def _held_out_rules(rng: random.Random) -> dict[str, tuple[list, list]]:
@@ -561,15 +559,57 @@ def _held_out_rules(rng: random.Random) -> dict[str, tuple[list, list]]:
     return split
 
 
+def suite_vocabulary(seed: int, sizes: Mapping[str, int]) -> Vocabulary:
+    """The vocabulary of the suite of `seed` with these sizes (the manifest's parameters)."""
+    return _make_vocabulary(
+        random.Random(f"maml-ds-synth:{seed}:vocabulary"),
+        sizes["num_content_words"],
+        sizes["num_unseen_domain_words"],
+        sizes["num_label_words"],
+        sizes["num_heldout_label_words"],
+    )
+
+
+def suite_rule_split(seed: int) -> dict[str, tuple[list, list]]:
+    """family -> (training rules, held-out rules) of the suite of `seed` (`_held_out_rules`)."""
+    return _held_out_rules(random.Random(f"maml-ds-synth:{seed}:rules"))
+
+
+def draw_training_task(
+    rng: random.Random,
+    family: str,
+    vocabulary: Vocabulary,
+    rule_split: Mapping[str, tuple[list, list]],
+) -> tuple[str, tuple[str, ...] | None, Draw]:
+    """A new task of `family` drawn like a training task: seen-domain words, a training rule,
+    labels from the training label pool (kept out of the content words, so a label never occurs
+    in an input). Returns (rule, label words in option order or None for qa, draw)."""
+    words = vocabulary.seen_words
+    if family == "qa":
+        rule, draw = _qa_task(words, rng.choice(rule_split["qa"][0]), rng.choice(QA_NUM_OPTIONS))
+        return rule, None, draw
+    labels = rng.sample(vocabulary.train_labels, rng.randint(*NUM_CLASSES[family]))
+    if family == "keyword":
+        rule, draw = _keyword_task(rng, words, labels)
+    elif family == "topic":
+        rule, draw = _topic_task(rng, words, labels)
+    elif family == "attribute":
+        attribute = rng.choice(rule_split["attribute"][0])
+        rule, draw = _attribute_task(rng, words, labels, attribute, vocabulary.attributes)
+    else:  # nli, paraphrase
+        rule, draw = _pair_task(words, labels, family, rng.choice(rule_split[family][0]))
+    return rule, tuple(labels), draw
+
+
 def _plan_tasks(
     seed: int,
-    vocab: _Vocabulary,
+    vocab: Vocabulary,
     num_train_tasks: int,
     num_test_tasks_per_family: int,
     num_unseen_domain_tasks_per_family: int,
     num_validation_tasks_per_family: int,
 ) -> list[_TaskPlan]:
-    rule_split = _held_out_rules(random.Random(f"maml-ds-synth:{seed}:rules"))
+    rule_split = suite_rule_split(seed)
     # (name, family, split, domain, index into the family's rules of that split)
     entries: list[tuple[str, str, str, str, int]] = []
     for i in range(num_train_tasks):
@@ -731,7 +771,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
             folder.rmdir()
 
 
-def _suite_words(vocab: _Vocabulary, files: dict[str, str]) -> list[str]:
+def _suite_words(vocab: Vocabulary, files: dict[str, str]) -> list[str]:
     """SEP and the whole vocabulary (in its order), then every other word of the data files."""
     words = dict.fromkeys(
         (SEP, *vocab.seen_words, *vocab.unseen_words, *vocab.train_labels, *vocab.heldout_labels)
@@ -814,13 +854,7 @@ def write_synthetic_suite(
     }
     _validate_sizes(sizes)
     out_dir = Path(out_dir)
-    vocab = _make_vocabulary(
-        random.Random(f"maml-ds-synth:{seed}:vocabulary"),
-        num_content_words,
-        num_unseen_domain_words,
-        num_label_words,
-        num_heldout_label_words,
-    )
+    vocab = suite_vocabulary(seed, sizes)
     plans = _plan_tasks(
         seed,
         vocab,

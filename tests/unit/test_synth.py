@@ -28,8 +28,6 @@ from maml_ds.data.synth import (
     SEP,
     SETTINGS,
     SuiteSummary,
-    _held_out_rules,
-    _make_vocabulary,
     _partition_rule,
     chance_score,
     nearest_demonstration_prediction,
@@ -39,6 +37,8 @@ from maml_ds.data.synth import (
     qa_answer,
     read_suite_summary,
     reference_by_family,
+    suite_rule_split,
+    suite_vocabulary,
     write_synthetic_suite,
 )
 from maml_ds.data.tasks import DataError, load_setting, load_task_config
@@ -275,9 +275,9 @@ def test_validation_tasks_are_drawn_like_the_test_tasks(suite: SuiteSummary) -> 
     validation = [tasks[n] for n in suite.validation_tasks]
     train_labels = {w for n in suite.train_tasks for w in tasks[n].options or ()}
     train_rules = {tasks[n].rule for n in suite.train_tasks}
-    vocab = _make_vocabulary(random.Random("maml-ds-synth:0:vocabulary"), 192, 64, 64, 24)
+    vocab = suite_vocabulary(0, suite.parameters)
     held_out_labels = set(vocab.heldout_labels)
-    rule_split = _held_out_rules(random.Random("maml-ds-synth:0:rules"))
+    rule_split = suite_rule_split(0)
     held_out_rules = {family: rules for family, (_, rules) in rule_split.items()}
     for task in validation:
         assert task.name == f"synth_val_{task.family}_{task.domain}_{task.name[-1]}"
