@@ -99,6 +99,19 @@ def parse_method(text: str) -> MethodSpec:
     )
 
 
+def adaptation_problems(keep_support_gradients: int | None, adapted_rounding: str) -> list[str]:
+    """Out-of-range --keep-support-gradients or --adapted-rounding (shared by
+    :meth:`RunConfig.problems` and the memory model)."""
+    out: list[str] = []
+    if keep_support_gradients is not None and keep_support_gradients < 0:
+        out.append(
+            f"--keep-support-gradients must be >= 0 (default k - 1), got {keep_support_gradients}"
+        )
+    if adapted_rounding not in get_args(AdaptedRounding):
+        out.append(f"--adapted-rounding must be nearest or stochastic, got {adapted_rounding!r}")
+    return out
+
+
 def deepspeed_problems(zero_stage: int, precision: str) -> list[str]:
     """Out-of-range ZeRO stage or precision (shared by :meth:`RunConfig.problems` and the memory
     model)."""
@@ -417,10 +430,7 @@ class RunConfig:
         ):
             if value not in get_args(OptimizerName):
                 out.append(f"{flag} must be sgd or adamw, got {value!r}")
-        if m.adapted_rounding not in get_args(AdaptedRounding):
-            out.append(
-                f"--adapted-rounding must be nearest or stochastic, got {m.adapted_rounding!r}"
-            )
+        out.extend(adaptation_problems(m.keep_support_gradients, m.adapted_rounding))
         second_order_maml = (
             spec is not None
             and spec.kind == "maml"
@@ -444,11 +454,6 @@ class RunConfig:
             out.append(f"--fd-mode must be one-sided or central, got {m.fd_mode!r}")
         if m.fd_scale is not None and not 0.0 < m.fd_scale < 1.0:
             out.append(f"--fd-scale must be in (0, 1), got {m.fd_scale}")
-        if m.keep_support_gradients is not None and m.keep_support_gradients < 0:
-            out.append(
-                f"--keep-support-gradients must be >= 0 (default k - 1), "
-                f"got {m.keep_support_gradients}"
-            )
         out.extend(deepspeed_problems(ds.zero_stage, ds.precision))
         if ds.config_file is not None and not Path(ds.config_file).is_file():
             out.append(f"--deepspeed-config {ds.config_file} does not exist")

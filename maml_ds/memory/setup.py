@@ -14,6 +14,7 @@ from maml_ds.config import (
     ConfigError,
     MethodSpec,
     Precision,
+    adaptation_problems,
     deepspeed_problems,
     kept_support_gradients,
     parse_method,
@@ -95,12 +96,7 @@ class MemorySetup:
             out.append(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.micro_batch_size < 1:
             out.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        if self.keep_support_gradients is not None and self.keep_support_gradients < 0:
-            out.append(f"--keep-support-gradients must be >= 0, got {self.keep_support_gradients}")
-        if self.adapted_rounding not in ("nearest", "stochastic"):
-            out.append(
-                f"--adapted-rounding must be nearest or stochastic, got {self.adapted_rounding!r}"
-            )
+        out.extend(adaptation_problems(self.keep_support_gradients, self.adapted_rounding))
         if self.attn_implementation not in ("eager", "sdpa"):
             out.append(f"--attn must be eager or sdpa, got {self.attn_implementation!r}")
         if self.second_order not in MODELLED_SECOND_ORDER:

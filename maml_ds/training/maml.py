@@ -137,9 +137,9 @@ class MamlStep:
             sharded = uses_sharded_path(ctx.cfg)
         dtypes = set(self.layout.dtype_by_name.values())
         self.model_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
-        self.stochastic_rounding = ctx.cfg.meta.adapted_rounding == "stochastic" and (
-            self.model_dtype in (torch.bfloat16, torch.float16)
-        )
+        self.sixteen_bit = self.model_dtype in (torch.bfloat16, torch.float16)
+        rounding = ctx.cfg.meta.adapted_rounding
+        self.stochastic_rounding = self.sixteen_bit and rounding == "stochastic"
         self.sharded = None
         if sharded:
             self.sharded = ShardedPasses(
@@ -172,7 +172,7 @@ class MamlStep:
         moments_finite = True  # this rank's inner moments after every task
         accumulated: dict[str, Tensor] | None = None  # sum over tasks, this rank's partition
         rounding: list[UpdateRounding] = []
-        measure_rounding = self.model_dtype in (torch.bfloat16, torch.float16) and (
+        measure_rounding = self.sixteen_bit and (
             self.num_calls == 0 or ctx.state.step % INNER_ROUNDING_EVERY == 0
         )
         self.num_calls += 1
